@@ -1,0 +1,24 @@
+"""Shared fixtures. Tests never touch the network: the hub is switched off before any import."""
+
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def tiny_vilt_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random-init ViLT checkpoint with a retrieval head, in the real HF layout."""
+    from model.testing import make_tiny_vilt
+
+    return make_tiny_vilt(tmp_path_factory.mktemp("tiny_vilt"))
