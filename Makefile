@@ -65,7 +65,7 @@ demo-data: install  ## regenerate the demo gallery from its seed (seconds)
 
 demo-index: demo-data  ## build the demo index with the indexer CLI
 	@test -f $(DEMO_MODEL)/config.json || { echo "The demo model is not built yet: run 'make demo-model' (about 30 min on 2 cores)."; exit 1; }
-	$(BIN)/vldeformer-index build --model $(DEMO_MODEL) --images $(DEMO_DIR)/images \
+	$(BIN)/vldeformer-index build --model $(DEMO_MODEL) --images $(DEMO_DIR)/gallery.jsonl \
 	    --captions $(DEMO_DIR)/captions.jsonl --out data/index
 
 demo: demo-index  ## install, build the demo gallery and index, serve on http://$(HOST):$(PORT)

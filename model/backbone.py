@@ -129,18 +129,20 @@ def check_loading_info(
         )
 
 
-def build_word_tokenizer(words: list[str], out_dir: Path) -> BertTokenizerFast:
+def build_word_tokenizer(words: list[str]) -> BertTokenizerFast:
     """A lower-casing BERT WordPiece tokenizer whose vocabulary is exactly ``words`` (+ specials).
 
     Single characters are added too, so an unseen word splits into characters instead of ``[UNK]``.
     """
-    out_dir.mkdir(parents=True, exist_ok=True)
     characters = [chr(c) for c in range(ord("a"), ord("z") + 1)] + list("0123456789")
     pieces = [f"##{c}" for c in characters]
     vocab = list(dict.fromkeys([*SPECIAL_TOKENS, *characters, *pieces, *sorted(set(words))]))
-    vocab_file = out_dir / "vocab.txt"
-    vocab_file.write_text("\n".join(vocab) + "\n", encoding="utf-8")
-    return BertTokenizerFast(vocab_file=str(vocab_file), do_lower_case=True, model_max_length=40)
+    # transformers 5 builds a fast tokenizer from an in-memory vocabulary (vocab_file is ignored).
+    return BertTokenizerFast(
+        vocab={token: index for index, token in enumerate(vocab)},
+        do_lower_case=True,
+        model_max_length=40,
+    )
 
 
 def init_vilt_checkpoint(
@@ -165,7 +167,7 @@ def init_vilt_checkpoint(
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_word_tokenizer(words, out_dir)
+    tokenizer = build_word_tokenizer(words)
     config = ViltConfig(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,

@@ -84,7 +84,7 @@ def _extended_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return (1.0 - mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
 
 
-def _autocast(device: torch.device) -> contextlib.AbstractContextManager[Any]:
+def autocast(device: torch.device) -> contextlib.AbstractContextManager[Any]:
     """bf16 autocast on GPU, nothing on CPU."""
     if device.type == "cuda":
         return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
@@ -283,7 +283,7 @@ class VLDeformer(nn.Module):
             raise TypeError("encode_text expects a list of str")
         out = np.zeros((len(texts), self.embedding_dim), dtype=np.float32)
         device = self.device
-        with torch.inference_mode(), _autocast(device):
+        with torch.inference_mode(), autocast(device):
             for batch in _batches(len(texts), batch_size):
                 tokens = self.tokenize(texts[batch])
                 vectors = self.encode_tokens(
@@ -296,7 +296,7 @@ class VLDeformer(nn.Module):
         """Encode images alone: float32 ``(N, D)``, each row L2-normalised."""
         out = np.zeros((len(images), self.embedding_dim), dtype=np.float32)
         device = self.device
-        with torch.inference_mode(), _autocast(device):
+        with torch.inference_mode(), autocast(device):
             for batch in _batches(len(images), batch_size):
                 pixel_values, pixel_mask = self.preprocess(images[batch])
                 vectors = self.encode_pixels(pixel_values.to(device), pixel_mask.to(device))
@@ -356,6 +356,16 @@ class EarlyInteraction(nn.Module):
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
+    def save_pretrained(self, out_dir: str | Path) -> Path:
+        """Write the checkpoint in the Hugging Face layout (weights, tokenizer, image processor)."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        with quiet_transformers():
+            self.network.save_pretrained(out, safe_serialization=True)
+        self.tokenizer.save_pretrained(out)
+        self.image_processor.save_pretrained(out)
+        return out
+
     def score_tensors(
         self,
         input_ids: torch.Tensor,
@@ -392,7 +402,7 @@ class EarlyInteraction(nn.Module):
             )
         out = np.zeros(len(texts), dtype=np.float32)
         device = self.device
-        with torch.inference_mode(), _autocast(device):
+        with torch.inference_mode(), autocast(device):
             for batch in _batches(len(texts), batch_size):
                 tokens = self.tokenize(texts[batch])
                 pixel_values, pixel_mask = collate_pixels(

@@ -13,7 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# One thread: the tiny test models gain nothing from more, and CI shares its 2 cores with
+# the test subprocesses (uvicorn, the indexer), where oversubscription costs 10x.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

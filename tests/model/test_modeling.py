@@ -146,3 +146,11 @@ def test_early_interaction_scores_pairs_and_needs_its_head(
     decomposed = tiny_model.save_pretrained(tmp_path / "decomposed")
     with pytest.raises(CheckpointError, match="decomposed"):
         EarlyInteraction.from_pretrained(decomposed)
+
+
+def test_tokenizer_knows_its_words(tiny_model: VLDeformer) -> None:
+    """A word-level vocabulary: known words are single tokens, never [UNK]."""
+    tokens = tiny_model.tokenizer.tokenize("a red circle left of a blue square")
+    assert tokens == ["a", "red", "circle", "left", "of", "a", "blue", "square"]
+    red, blue = tiny_model.encode_text(["a red circle", "a blue circle"])
+    assert not np.allclose(red, blue)

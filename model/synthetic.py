@@ -1,0 +1,706 @@
+"""Captioned synthetic scenes: a retrieval benchmark that a bag-of-words matcher cannot solve.
+
+Each image shows one to three flat shapes (colour, shape, size, position) on white; each of
+its captions binds every colour to its shape and states the spatial relation. A share of the
+two-object scenes come in *twin groups* of four images whose captions use exactly the same
+words: the base scene, its colour-swapped twin (which colour goes with which shape), its
+mirrored twin (the relation reversed) and both at once. Only a model that binds attributes and
+reads word order tells twins apart; :mod:`model.bow` scores a matcher that cannot.
+
+:func:`write_dataset` writes PNGs and a Karpathy-style ``dataset.json`` (train / val / test;
+the default test split is the COCO-1K protocol, 1,000 images x 5 captions), so the ordinary
+readers, trainer and evaluator use it unchanged, plus ``captions.jsonl`` (the test captions)
+for the demo index. The output is a pure function of the config, and each split depends only
+on the seed and its own size: changing ``n_train`` leaves the test split as it was.
+
+Scenes are rendered upright from their spec, so never train on them with horizontal or
+vertical flips: a flip turns an image into its relation twin.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import logging
+import os
+import random
+import re
+import string
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+logger = logging.getLogger(__name__)
+
+GENERATOR_VERSION = 1  # bump whenever the output for a given config changes
+SPLITS = ("train", "val", "test")
+IMAGES_DIRNAME = "images"
+DATASET_FILENAME = "dataset.json"
+CAPTIONS_FILENAME = "captions.jsonl"
+GALLERY_FILENAME = "gallery.jsonl"  # the test images: the demo gallery, as an indexer manifest
+
+# Far apart in hue or lightness, and none close to the white background.
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 30, 30),
+    "orange": (255, 140, 0),
+    "yellow": (235, 205, 0),
+    "green": (30, 160, 60),
+    "blue": (30, 80, 230),
+    "purple": (130, 50, 180),
+    "pink": (255, 120, 200),
+    "black": (20, 20, 20),
+}
+BACKGROUND = (255, 255, 255)
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "diamond")
+# Half the side of an object's bounding box, as a fraction of the image side: three large
+# objects still fit in a row.
+SIZES: dict[str, float] = {"small": 0.09, "large": 0.15}
+RELATIONS: tuple[str, ...] = ("left of", "above")  # objects[i] <relation> objects[i + 1]
+POSITIONS: tuple[str, ...] = ("left", "right", "top", "bottom", "middle")  # of a lone object
+# Caption words that mean a scene-spec word (the bag-of-words baseline maps them back).
+SYNONYMS: dict[str, str] = {
+    "little": "small",
+    "big": "large",
+    "over": "above",
+    "under": "below",
+    "beneath": "below",
+}
+
+_PAD = 0.02  # empty margin, as a fraction of the image side, around each object's cell
+_ACROSS_JITTER = 0.1  # how far objects in a row stray from the row's centre line
+_OBJECT_COUNT_WEIGHTS = (0.2, 0.5, 0.3)  # one, two, three objects (twin groups come on top)
+_MAX_SIZE, _MIN_SIZE = 1024, 32
+
+_SIZE_WORDS = {"small": ("small", "little"), "large": ("large", "big")}
+_POSITION_PHRASES = {
+    "left": ("on the left", "on the left side"),
+    "right": ("on the right", "on the right side"),
+    "top": ("at the top",),
+    "bottom": ("at the bottom",),
+    "middle": ("in the middle",),
+}
+
+
+@dataclass(frozen=True)
+class _AxisPhrases:
+    before: tuple[str, ...]  # "A <before> B" where A comes first (left, top)
+    after: tuple[str, ...]  # "B <after> A"
+    its_after: tuple[str, ...]  # "A with B <its_after>"
+    its_before: tuple[str, ...]  # "B with A <its_before>"
+    start: str  # "from <start> to <end>"
+    end: str
+    first_side: str  # "B between A <first_side> and C <last_side>"
+    last_side: str
+
+
+_AXES = {
+    "left of": _AxisPhrases(
+        ("left of", "to the left of", "on the left of"),
+        ("right of", "to the right of", "on the right of"),
+        ("to its right", "on its right"),
+        ("to its left", "on its left"),
+        "left",
+        "right",
+        "on the left",
+        "on the right",
+    ),
+    "above": _AxisPhrases(
+        ("above", "over"),
+        ("below", "under", "beneath"),
+        ("below it", "under it"),
+        ("above it", "over it"),
+        "top",
+        "bottom",
+        "at the top",
+        "at the bottom",
+    ),
+}
+# Every template mentions each object exactly once, as "<size> <colour> <shape>".
+_TEMPLATES: dict[int, tuple[str, ...]] = {
+    1: (
+        "a {a} {pos}",
+        "there is a {a} {pos}",
+        "{pos} there is a {a}",
+        "a single {a} {pos}",
+        "an image of a {a} {pos}",
+        "a {a} {pos} of the picture",
+    ),
+    2: (
+        "a {a} {before} a {b}",
+        "a {b} {after} a {a}",
+        "there is a {a} {before} a {b}",
+        "a {b} is {after} a {a}",
+        "a {a} with a {b} {its_after}",
+        "a {b} with a {a} {its_before}",
+        "{a} {before} {b}",
+        "the {a} is {before} the {b}",
+        "an image of a {b} {after} a {a}",
+    ),
+    3: (
+        "a {a} {before} a {b} which is {before2} a {c}",
+        "a {c} {after} a {b} which is {after2} a {a}",
+        "from {start} to {end} a {a} a {b} and a {c}",
+        "from {end} to {start} a {c} a {b} and a {a}",
+        "a {a} then a {b} then a {c} from {start} to {end}",
+        "a {b} between a {a} {first_side} and a {c} {last_side}",
+    ),
+}
+MAX_CAPTIONS_PER_IMAGE = min(len(templates) for templates in _TEMPLATES.values())
+
+
+def _vocabulary() -> list[str]:
+    phrases: list[str] = [*COLOURS, *SHAPES]
+    phrases += [word for words in _SIZE_WORDS.values() for word in words]
+    phrases += [phrase for options in _POSITION_PHRASES.values() for phrase in options]
+    for axis in _AXES.values():
+        phrases += [*axis.before, *axis.after, *axis.its_after, *axis.its_before]
+        phrases += [axis.start, axis.end, axis.first_side, axis.last_side]
+    for templates in _TEMPLATES.values():
+        phrases += [re.sub(r"\{\w+\}", " ", template) for template in templates]
+    return sorted({word for phrase in phrases for word in phrase.split()})
+
+
+# Every word a caption can contain (lower case, no punctuation): the demo tokenizer's words.
+VOCABULARY: list[str] = _vocabulary()
+
+
+@dataclass(frozen=True)
+class SceneObject:
+    """One shape; ``x``, ``y`` are its centre as fractions of the image side (0 = left/top)."""
+
+    shape: str
+    colour: str
+    size: str
+    x: float
+    y: float
+
+    def __post_init__(self) -> None:
+        for name, value, allowed in (
+            ("shape", self.shape, SHAPES),
+            ("colour", self.colour, tuple(COLOURS)),
+            ("size", self.size, tuple(SIZES)),
+        ):
+            if value not in allowed:
+                raise ValueError(f"SceneObject {name} must be one of {allowed}, got {value!r}")
+        if not (0.0 <= self.x <= 1.0 and 0.0 <= self.y <= 1.0):
+            raise ValueError(f"SceneObject centre must lie in [0, 1]^2, got ({self.x}, {self.y})")
+
+
+@dataclass(frozen=True)
+class Scene:
+    """What one image shows.
+
+    With two or three objects, ``objects`` are in reading order along ``relation``: for
+    ``"left of"`` left to right, for ``"above"`` top to bottom, and ``position`` is None. A
+    lone object has ``relation`` None and a ``position`` from :data:`POSITIONS`.
+    """
+
+    objects: tuple[SceneObject, ...]
+    relation: str | None = None
+    position: str | None = None
+
+    def __post_init__(self) -> None:
+        if not 1 <= len(self.objects) <= 3:
+            raise ValueError(f"a Scene has 1 to 3 objects, got {len(self.objects)}")
+        if len(self.objects) == 1:
+            if self.relation is not None or self.position not in POSITIONS:
+                raise ValueError(
+                    f"a one-object Scene needs relation None and position in {POSITIONS}, "
+                    f"got relation={self.relation!r}, position={self.position!r}"
+                )
+        elif self.relation not in RELATIONS or self.position is not None:
+            raise ValueError(
+                f"a Scene of {len(self.objects)} objects needs relation in {RELATIONS} and "
+                f"position None, got relation={self.relation!r}, position={self.position!r}"
+            )
+        else:
+            along = [obj.x if self.relation == "left of" else obj.y for obj in self.objects]
+            if along != sorted(along):
+                raise ValueError(
+                    f"objects must be in reading order along {self.relation!r}, got centres {along}"
+                )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, record: dict[str, Any]) -> Scene:
+        objects = tuple(SceneObject(**fields) for fields in record["objects"])
+        return cls(objects, record.get("relation"), record.get("position"))
+
+
+@dataclass(frozen=True)
+class Example:
+    """One image of the dataset: its spec, captions, and the same-split images that are its
+    twins (captions with the same attribute words, a different scene)."""
+
+    imgid: int
+    split: str
+    index: int  # within the split; names the file
+    scene: Scene
+    captions: tuple[str, ...]
+    twin_of: tuple[int, ...] = ()
+
+    @property
+    def filename(self) -> str:
+        return image_filename(self.split, self.index)
+
+
+def image_filename(split: str, index: int) -> str:
+    """The file name of image ``index`` of ``split`` under ``images/``."""
+    return f"{split}_{index:06d}.png"
+
+
+@dataclass(frozen=True)
+class SyntheticConfig:
+    """Everything the dataset is a function of (stored in ``dataset.json``)."""
+
+    seed: int = 0
+    image_size: int = 64  # pixels per side: 4x4 patches of 16 pixels for ViLT
+    n_train: int = 20_000
+    n_val: int = 500
+    n_test: int = 1_000  # the COCO-1K / Flickr-1K protocol
+    captions_per_image: int = 5
+    hard_fraction: float = 0.4  # share of each split's images that belong to a twin group
+
+    def __post_init__(self) -> None:
+        for name in ("seed", "image_size", "n_train", "n_val", "n_test", "captions_per_image"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+        if not _MIN_SIZE <= self.image_size <= _MAX_SIZE:
+            raise ValueError(
+                f"image_size must be in [{_MIN_SIZE}, {_MAX_SIZE}], got {self.image_size}"
+            )
+        if not 1 <= self.captions_per_image <= MAX_CAPTIONS_PER_IMAGE:
+            raise ValueError(
+                f"captions_per_image must be in [1, {MAX_CAPTIONS_PER_IMAGE}], "
+                f"got {self.captions_per_image}"
+            )
+        if not 0.0 <= self.hard_fraction <= 1.0:
+            raise ValueError(f"hard_fraction must be in [0, 1], got {self.hard_fraction!r}")
+
+    def split_sizes(self) -> dict[str, int]:
+        """Images per split, in :data:`SPLITS` order (the order of ``imgid``)."""
+        return dict(zip(SPLITS, (self.n_train, self.n_val, self.n_test), strict=True))
+
+
+PRESETS: dict[str, SyntheticConfig] = {
+    "tiny": SyntheticConfig(n_train=40, n_val=10, n_test=20),  # tests
+    "demo": SyntheticConfig(),  # the demo gallery (test split) and the demo model's data
+    "full": SyntheticConfig(),
+}
+
+
+def attribute_words(scene: Scene) -> list[str]:
+    """The scene's words with binding and order thrown away: each object's size, colour and
+    shape, plus the words of its axis (or its position). Twins have equal lists (sorted)."""
+    words = [word for obj in scene.objects for word in (obj.size, obj.colour, obj.shape)]
+    if scene.relation == "left of":
+        words += ["left", "right"]
+    elif scene.relation == "above":
+        words += ["above", "below", "top", "bottom"]
+    else:
+        words.append(str(scene.position))
+    return sorted(words)
+
+
+def render(scene: Scene, image_size: int) -> Image.Image:
+    """Draw ``scene`` as an ``image_size`` x ``image_size`` RGB image, without anti-aliasing
+    (each object is one flat colour, so its centre pixel has exactly its colour)."""
+    image = Image.new("RGB", (image_size, image_size), BACKGROUND)
+    draw = ImageDraw.Draw(image)
+    for obj in scene.objects:
+        cx, cy = round(obj.x * image_size), round(obj.y * image_size)
+        half = max(2, round(SIZES[obj.size] * image_size))
+        fill = COLOURS[obj.colour]
+        if obj.shape == "circle":
+            draw.ellipse([cx - half, cy - half, cx + half, cy + half], fill=fill)
+        elif obj.shape == "square":
+            side = round(half * 0.85)  # a full-box square looks much bigger than the circle
+            draw.rectangle([cx - side, cy - side, cx + side, cy + side], fill=fill)
+        elif obj.shape == "triangle":
+            draw.polygon([(cx, cy - half), (cx + half, cy + half), (cx - half, cy + half)], fill)
+        else:
+            draw.polygon([(cx, cy - half), (cx + half, cy), (cx, cy + half), (cx - half, cy)], fill)
+    return image
+
+
+def describe(scene: Scene, rng: random.Random, n_captions: int = 5) -> list[str]:
+    """``n_captions`` differently worded captions, each true of ``scene`` and each binding every
+    colour to its shape and stating the relation (or the lone object's position)."""
+    templates = _TEMPLATES[len(scene.objects)]
+    if not 1 <= n_captions <= len(templates):
+        raise ValueError(f"n_captions must be in [1, {len(templates)}], got {n_captions}")
+    return [_fill(template, scene, rng) for template in rng.sample(templates, n_captions)]
+
+
+def _fill(template: str, scene: Scene, rng: random.Random) -> str:
+    return template.format(**{name: _phrase(name, scene, rng) for name in _fields(template)})
+
+
+@functools.cache
+def _fields(template: str) -> tuple[str, ...]:
+    return tuple(name for _, name, _, _ in string.Formatter().parse(template) if name)
+
+
+def _phrase(field: str, scene: Scene, rng: random.Random) -> str:
+    """The words for one template field, synonyms drawn afresh for each caption."""
+    if field in ("a", "b", "c"):
+        obj = scene.objects["abc".index(field)]
+        return f"{rng.choice(_SIZE_WORDS[obj.size])} {obj.colour} {obj.shape}"
+    if field == "pos":
+        return rng.choice(_POSITION_PHRASES[str(scene.position)])
+    options = getattr(_AXES[str(scene.relation)], field.rstrip("2"))  # before2: another draw
+    return options if isinstance(options, str) else rng.choice(options)
+
+
+def _jitter(rng: random.Random, bound: float) -> float:
+    return rng.uniform(-bound, bound) if bound > 0 else 0.0
+
+
+def _place_row(rng: random.Random, kinds: list[tuple[str, str, str]], relation: str) -> Scene:
+    """Objects (shape, colour, size) in equal cells along the axis, each inside its own cell."""
+    cell = 1.0 / len(kinds)
+    objects = []
+    for i, (shape, colour, size) in enumerate(kinds):
+        radius = SIZES[size]
+        along = (i + 0.5) * cell + _jitter(rng, cell / 2 - radius - _PAD)
+        across = 0.5 + _jitter(rng, min(_ACROSS_JITTER, 0.5 - radius - _PAD))
+        x, y = (along, across) if relation == "left of" else (across, along)
+        objects.append(SceneObject(shape, colour, size, round(x, 3), round(y, 3)))
+    return Scene(tuple(objects), relation)
+
+
+def _draw_scene(rng: random.Random, n_objects: int) -> Scene:
+    if n_objects == 1:
+        shape, colour, size = rng.choice(SHAPES), rng.choice(list(COLOURS)), rng.choice(list(SIZES))
+        position = rng.choice(POSITIONS)
+        column, row = {"left": (0, 1), "right": (2, 1), "top": (1, 0), "bottom": (1, 2)}.get(
+            position, (1, 1)
+        )
+        bound = 1 / 6 - SIZES[size] - _PAD  # a 3x3 grid of cells
+        x = (column + 0.5) / 3 + _jitter(rng, bound)
+        y = (row + 0.5) / 3 + _jitter(rng, bound)
+        return Scene((SceneObject(shape, colour, size, round(x, 3), round(y, 3)),), None, position)
+    kinds: list[tuple[str, str, str]] = []
+    while len(kinds) < n_objects:  # distinct (shape, colour), so "the blue square" is one object
+        shape, colour = rng.choice(SHAPES), rng.choice(list(COLOURS))
+        if all((shape, colour) != kind[:2] for kind in kinds):
+            kinds.append((shape, colour, rng.choice(list(SIZES))))
+    return _place_row(rng, kinds, rng.choice(RELATIONS))
+
+
+def _mirror(scene: Scene) -> Scene:
+    """The relation twin: the image flipped along the scene's axis (shapes stay upright)."""
+    flip_x = scene.relation == "left of"
+    objects = tuple(
+        replace(obj, x=round(1 - obj.x, 3)) if flip_x else replace(obj, y=round(1 - obj.y, 3))
+        for obj in reversed(scene.objects)
+    )
+    return replace(scene, objects=objects)
+
+
+def _draw_twin_group(rng: random.Random) -> list[Scene]:
+    """A two-object scene with different colours and shapes, its colour swap, its mirror
+    image and the mirrored colour swap: four scenes whose captions share every word."""
+    shapes, colours = rng.sample(SHAPES, 2), rng.sample(list(COLOURS), 2)
+    sizes = [rng.choice(list(SIZES)) for _ in range(2)]
+    base = _place_row(rng, list(zip(shapes, colours, sizes, strict=True)), rng.choice(RELATIONS))
+    first, second = base.objects
+    swapped = replace(
+        base,
+        objects=(replace(first, colour=second.colour), replace(second, colour=first.colour)),
+    )
+    return [base, swapped, _mirror(base), _mirror(swapped)]
+
+
+def _scene_key(scene: Scene) -> tuple[Any, ...]:
+    """What the captions say about a scene (positions within a cell are not said)."""
+    kinds = tuple((obj.size, obj.colour, obj.shape) for obj in scene.objects)
+    return (scene.relation, scene.position, kinds)
+
+
+def _generate_split(
+    split: str, count: int, config: SyntheticConfig
+) -> list[tuple[Scene, list[str]]]:
+    # One stream per split, seeded by the split's name: splits do not depend on each other.
+    rng = random.Random(f"vldeformer-synthetic/{config.seed}/{split}")
+    # In val and test every scene says something different, so each caption has exactly one
+    # true image in its split; train may repeat (one-object scenes have only 320 variants).
+    unique = split != "train"
+    used: set[tuple[Any, ...]] = set()
+    scenes: list[Scene] = []
+    attempts_left = 100 * count + 1_000
+
+    def accept(candidates: list[Scene]) -> bool:
+        nonlocal attempts_left
+        attempts_left -= 1
+        if attempts_left < 0:
+            raise ValueError(
+                f"cannot draw {count} different {split} scenes; ask for fewer (n_{split}={count})"
+            )
+        keys = {_scene_key(scene) for scene in candidates}
+        if unique and (len(keys) < len(candidates) or keys & used):
+            return False
+        used.update(keys)
+        scenes.extend(candidates)
+        return True
+
+    n_groups = int(count * config.hard_fraction) // 4
+    groups = 0
+    while groups < n_groups:
+        groups += accept(_draw_twin_group(rng))
+    while len(scenes) < count:
+        accept([_draw_scene(rng, rng.choices((1, 2, 3), _OBJECT_COUNT_WEIGHTS)[0])])
+    rng.shuffle(scenes)
+    return [(scene, describe(scene, rng, config.captions_per_image)) for scene in scenes]
+
+
+def generate(config: SyntheticConfig) -> list[Example]:
+    """All examples, train then val then test; ``imgid`` is the position in that list."""
+    examples: list[Example] = []
+    for split, count in config.split_sizes().items():
+        drawn = _generate_split(split, count, config)
+        by_words: dict[tuple[str, ...], list[int]] = defaultdict(list)
+        for index, (scene, _) in enumerate(drawn):
+            by_words[tuple(attribute_words(scene))].append(index)
+        offset = len(examples)
+        for index, (scene, captions) in enumerate(drawn):
+            twins = tuple(
+                offset + other
+                for other in by_words[tuple(attribute_words(scene))]
+                if _scene_key(drawn[other][0]) != _scene_key(scene)
+            )
+            examples.append(Example(offset + index, split, index, scene, tuple(captions), twins))
+    return examples
+
+
+def _write_atomic(path: Path, lines: Iterable[str]) -> None:
+    """Write next to ``path``, then rename over it: readers see the old file or the new one."""
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        with partial.open("w", encoding="utf-8") as file:
+            file.writelines(lines)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def _sentids(example: Example, config: SyntheticConfig) -> list[int]:
+    first = example.imgid * config.captions_per_image
+    return list(range(first, first + len(example.captions)))
+
+
+def _dataset_record(example: Example, config: SyntheticConfig) -> dict[str, Any]:
+    sentids = _sentids(example, config)
+    return {
+        "filepath": IMAGES_DIRNAME,
+        "filename": example.filename,
+        "imgid": example.imgid,
+        "split": example.split,
+        "sentids": sentids,
+        "sentences": [
+            {"raw": raw, "tokens": raw.split(), "imgid": example.imgid, "sentid": sentid}
+            for raw, sentid in zip(example.captions, sentids, strict=True)
+        ],
+        "scene": example.scene.to_dict(),
+        "twin_of": list(example.twin_of),
+    }
+
+
+def _read_header(dataset_json: Path) -> dict[str, Any]:
+    """The top-level fields of a ``dataset.json`` but its images, from its first line."""
+    with dataset_json.open(encoding="utf-8") as file:
+        header = json.loads(file.readline() + "]}")
+    if not isinstance(header, dict):
+        raise ValueError(f"{dataset_json}: expected a JSON object, found {type(header).__name__}")
+    return header
+
+
+def dataset_is_current(out_dir: str | Path, config: SyntheticConfig) -> bool:
+    """Whether ``out_dir`` already holds the dataset of ``config`` from this generator version
+    (quick: reads the first line of ``dataset.json`` and lists ``images/``)."""
+    out_dir = Path(out_dir)
+    try:
+        header = _read_header(out_dir / DATASET_FILENAME)
+        present = set(os.listdir(out_dir / IMAGES_DIRNAME))
+    except (OSError, ValueError):
+        return False
+    wanted = {
+        image_filename(split, index)
+        for split, count in config.split_sizes().items()
+        for index in range(count)
+    }
+    return (
+        header.get("generator_version") == GENERATOR_VERSION
+        and header.get("config") == asdict(config)
+        and (out_dir / CAPTIONS_FILENAME).is_file()
+        and (out_dir / GALLERY_FILENAME).is_file()
+        and wanted <= present
+    )
+
+
+def write_dataset(out_dir: str | Path, config: SyntheticConfig, *, force: bool = False) -> Path:
+    """Write the dataset of ``config`` into ``out_dir``; return the ``dataset.json`` path.
+
+    Layout: ``images/<split>_<index:06d>.png``, ``dataset.json`` (Karpathy: ``images[]`` with
+    ``filepath``, ``filename``, ``imgid``, ``split``, ``sentids``, ``sentences[]`` of ``raw``,
+    ``tokens``, ``imgid``, ``sentid``; plus ``scene`` and ``twin_of``; top level ``config`` and
+    ``generator_version``), and ``captions.jsonl`` with one ``{"id", "caption", "image"}``
+    line per test caption (``image`` relative to ``images/``), and ``gallery.jsonl``, the test
+    images as an indexer manifest (``{"id", "path"}``, the demo gallery). Does nothing when the folder
+    already holds this dataset, unless ``force``. ``dataset.json`` is written last and
+    atomically, so its presence means the rest is complete.
+    """
+    out_dir = Path(out_dir)
+    dataset_path = out_dir / DATASET_FILENAME
+    if not force and dataset_is_current(out_dir, config):
+        logger.info("%s is up to date with %s", dataset_path, config)
+        return dataset_path
+    examples = generate(config)
+    images_dir = out_dir / IMAGES_DIRNAME
+    images_dir.mkdir(parents=True, exist_ok=True)
+    dataset_path.unlink(missing_ok=True)  # an interrupted rewrite must not look current
+    wanted = {example.filename for example in examples}
+    for stale in images_dir.glob("*.png"):  # files of an earlier, larger config
+        if re.fullmatch(r"(train|val|test)_\d{6}\.png", stale.name) and stale.name not in wanted:
+            stale.unlink()
+    for example in tqdm(examples, desc="drawing scenes", unit="image", disable=None):
+        image = render(example.scene, config.image_size)
+        image.save(images_dir / example.filename, format="PNG", optimize=False)
+    _write_atomic(
+        out_dir / CAPTIONS_FILENAME,
+        (
+            json.dumps({"id": str(sentid), "caption": raw, "image": ex.filename}) + "\n"
+            for ex in examples
+            if ex.split == "test"
+            for sentid, raw in zip(_sentids(ex, config), ex.captions, strict=True)
+        ),
+    )
+    _write_atomic(
+        out_dir / GALLERY_FILENAME,
+        (
+            json.dumps({"id": ex.filename, "path": f"{IMAGES_DIRNAME}/{ex.filename}"}) + "\n"
+            for ex in examples
+            if ex.split == "test"
+        ),
+    )
+    # One image record a line after a first line with everything else: valid JSON that
+    # :func:`dataset_is_current` checks from its first line, and that diffs line by line.
+    header = {
+        "dataset": "synthetic",
+        "generator_version": GENERATOR_VERSION,
+        "config": asdict(config),
+    }
+    records = [json.dumps(_dataset_record(ex, config), separators=(",", ":")) for ex in examples]
+    first_line = json.dumps(header, separators=(",", ":"))[:-1] + ',"images":[\n'
+    _write_atomic(dataset_path, [first_line, ",\n".join(records), "\n]}\n"])
+    logger.info("wrote %d images to %s", len(examples), out_dir)
+    return dataset_path
+
+
+def read_examples(dataset_json: str | Path) -> list[Example]:
+    """The examples of a ``dataset.json`` written by :func:`write_dataset`."""
+    path = Path(dataset_json)
+    try:
+        with path.open(encoding="utf-8") as file:
+            records = json.load(file)["images"]
+        return [
+            Example(
+                record["imgid"],
+                record["split"],
+                int(Path(record["filename"]).stem.rsplit("_", 1)[1]),
+                Scene.from_dict(record["scene"]),
+                tuple(sentence["raw"] for sentence in record["sentences"]),
+                tuple(record["twin_of"]),
+            )
+            for record in records
+        ]
+    except (KeyError, TypeError, IndexError, ValueError) as exc:
+        raise ValueError(f"{path} is not a synthetic dataset.json: {exc!r}") from exc
+
+
+def hard_image_ids(dataset_json: str | Path, split: str = "test") -> set[int]:
+    """``imgid`` of the images of ``split`` that have a twin in it: a matcher that ignores
+    binding and word order cannot rank their captions' image above the twin's."""
+    return {ex.imgid for ex in read_examples(dataset_json) if ex.split == split and ex.twin_of}
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m model.synthetic",
+        description="Write the captioned synthetic scenes: images/, dataset.json (Karpathy "
+        "splits), captions.jsonl (test captions). Reruns with the same config do nothing.",
+    )
+    parser.add_argument("--out", required=True, type=Path, help="output folder (created)")
+    parser.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default="demo",
+        help="sizes to start from: tiny = 40/10/20 train/val/test images (tests), demo and "
+        "full = 20000/500/1000 (default: demo)",
+    )
+    parser.add_argument("--seed", type=int, help="random seed (default 0)")
+    parser.add_argument("--n-train", type=int, help="number of training images")
+    parser.add_argument("--n-val", type=int, help="number of validation images")
+    parser.add_argument("--n-test", type=int, help="number of test images (1000: COCO-1K)")
+    parser.add_argument("--image-size", type=int, help="image side in pixels (default 64)")
+    parser.add_argument(
+        "--hard-fraction", type=float, help="share of images in twin groups (default 0.4)"
+    )
+    parser.add_argument("--force", action="store_true", help="regenerate even if up to date")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI: 0 on success, 1 when the files cannot be written, 2 on bad arguments."""
+    parser = _build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as stop:  # --help, or argparse's own usage error (exit code 2)
+        return stop.code if isinstance(stop.code, int) else 2
+    overrides = {
+        "seed": args.seed,
+        "n_train": args.n_train,
+        "n_val": args.n_val,
+        "n_test": args.n_test,
+        "image_size": args.image_size,
+        "hard_fraction": args.hard_fraction,
+    }
+    try:
+        config = replace(
+            PRESETS[args.preset], **{k: v for k, v in overrides.items() if v is not None}
+        )
+        if not args.force and dataset_is_current(args.out, config):
+            print(f"{args.out / DATASET_FILENAME} is up to date ({args.preset} preset)")
+            return 0
+        start = time.perf_counter()
+        path = write_dataset(args.out, config, force=True)
+    except ValueError as exc:
+        parser.print_usage(sys.stderr)
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"{parser.prog}: error: cannot write {args.out}: {exc}", file=sys.stderr)
+        return 1
+    seconds = time.perf_counter() - start
+    total = config.n_train + config.n_val + config.n_test
+    print(
+        f"wrote {total} images ({config.n_train} train, {config.n_val} val, {config.n_test} "
+        f"test) x {config.captions_per_image} captions in {seconds:.1f} s to {path}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    sys.exit(main())
