@@ -91,7 +91,7 @@ def open_image(
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             try:
-                image = Image.open(stream, formats=None)
+                image: Image.Image = Image.open(stream, formats=None)
             except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
                 raise TooManyPixelsError(f"image exceeds the pixel limit: {exc}") from exc
             except UnidentifiedImageError as exc:

@@ -14,6 +14,11 @@ averaged over i, where ``h(i)`` is the *hard* in-batch negative — the other pa
 shares the most words with caption i (so colour-swapped and relation-swapped captions are
 chosen first). Mining by caption words needs no model and works for any captioned dataset.
 Each step costs 3B joint forward passes.
+
+Masked language modelling on the positive pairs (as in ViLT's pretraining) is added with weight
+``mlm_weight``: predicting a masked colour, shape or relation word from the image gives a dense
+grounding signal that a from-scratch model learns much faster than from matching alone. Its head
+(a linear layer tied to the word embeddings) exists only during training and is not saved.
 """
 
 from __future__ import annotations
@@ -57,6 +62,8 @@ class ItmConfig:
     seed: int = 0
     num_workers: int = 1
     log_every: int = 25
+    mlm_weight: float = 1.0  # 0 disables masked language modelling
+    mlm_probability: float = 0.25  # share of caption words masked
 
 
 def hardest_negatives(token_sets: list[set[int]], rng: np.random.Generator) -> np.ndarray:
@@ -104,6 +111,39 @@ def itm_loss(
     return F.cross_entropy(wrong_text, target) + F.cross_entropy(wrong_image, target)
 
 
+class MaskedWordHead(torch.nn.Module):
+    """Predicts masked words from the text positions of the joint sequence (tied decoder)."""
+
+    def __init__(self, teacher: EarlyInteraction) -> None:
+        super().__init__()
+        self.teacher = teacher
+        hidden = teacher.network.config.hidden_size
+        self.transform = torch.nn.Sequential(
+            torch.nn.Linear(hidden, hidden), torch.nn.GELU(), torch.nn.LayerNorm(hidden)
+        )
+        self.bias = torch.nn.Parameter(torch.zeros(teacher.network.config.vocab_size))
+
+    def forward(
+        self, batch: dict[str, torch.Tensor], probability: float, generator: torch.Generator
+    ) -> torch.Tensor:
+        input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
+        special = torch.tensor(self.teacher.tokenizer.all_special_ids)
+        maskable = attention_mask.bool() & ~torch.isin(input_ids, special)
+        masked = maskable & (torch.rand(input_ids.shape, generator=generator) < probability)
+        if not masked.any():
+            return input_ids.new_zeros((), dtype=torch.float32)
+        corrupted = input_ids.masked_fill(masked, self.teacher.tokenizer.mask_token_id)
+        hidden = self.teacher.network.vilt(
+            input_ids=corrupted,
+            attention_mask=attention_mask,
+            pixel_values=batch["pixel_values"],
+            pixel_mask=batch["pixel_mask"],
+        ).last_hidden_state[:, : input_ids.shape[1]]  # (B, T, D): the text positions
+        words = self.teacher.network.vilt.embeddings.text_embeddings.word_embeddings.weight
+        logits = self.transform(hidden[masked]) @ words.T + self.bias  # (M, V)
+        return F.cross_entropy(logits, input_ids[masked])
+
+
 def train_teacher(config: ItmConfig) -> Path:
     """Train the early-interaction teacher; returns the saved checkpoint directory."""
     torch.manual_seed(config.seed)
@@ -122,9 +162,10 @@ def train_teacher(config: ItmConfig) -> Path:
         num_workers=config.num_workers,
         collate_fn=functools.partial(collate_pairs, pad_token_id=teacher.tokenizer.pad_token_id),
     )
-    optimizer = torch.optim.AdamW(
-        teacher.parameters(), lr=config.lr, weight_decay=config.weight_decay
-    )
+    mlm_head = MaskedWordHead(teacher)
+    generator = torch.Generator().manual_seed(config.seed)
+    trained = [*teacher.parameters(), *mlm_head.transform.parameters(), mlm_head.bias]
+    optimizer = torch.optim.AdamW(trained, lr=config.lr, weight_decay=config.weight_decay)
     scheduler = warmup_cosine_scheduler(
         optimizer, config.warmup_steps, config.max_steps, config.min_lr_ratio
     )
@@ -134,6 +175,7 @@ def train_teacher(config: ItmConfig) -> Path:
     teacher.train()
     step, epoch, started = 0, 0, time.perf_counter()
     running: list[float] = []
+    running_mlm: list[float] = []
     with (
         tqdm(total=config.max_steps, desc="teacher (image-text matching)", unit="step") as bar,
         log_path.open("a") as log,
@@ -142,9 +184,13 @@ def train_teacher(config: ItmConfig) -> Path:
             sampler.set_epoch(epoch)
             for batch in loader:
                 loss = itm_loss(teacher, batch, rng)
+                if config.mlm_weight > 0:
+                    mlm = mlm_head(batch, config.mlm_probability, generator)
+                    loss = loss + config.mlm_weight * mlm
+                    running_mlm.append(float(mlm))
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                torch.nn.utils.clip_grad_norm_(teacher.parameters(), config.grad_clip)
+                torch.nn.utils.clip_grad_norm_(trained, config.grad_clip)
                 optimizer.step()
                 scheduler.step()
                 step += 1
@@ -155,10 +201,12 @@ def train_teacher(config: ItmConfig) -> Path:
                         "step": step,
                         "epoch": epoch,
                         "loss": float(np.mean(running)),
+                        "mlm_loss": float(np.mean(running_mlm)) if running_mlm else None,
                         "lr": scheduler.get_last_lr()[0],
                         "elapsed_s": round(time.perf_counter() - started, 1),
                     }
                     running.clear()
+                    running_mlm.clear()
                     log.write(json.dumps(record) + "\n")
                     log.flush()
                     bar.set_postfix(loss=f"{record['loss']:.3f}")

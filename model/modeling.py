@@ -175,7 +175,8 @@ class VLDeformer(nn.Module):
                 raise CheckpointError(f"{settings_file} is corrupt: {exc}") from exc
         try:
             with quiet_transformers():
-                vilt, info = ViltModel.from_pretrained(str(path_or_id), output_loading_info=True)
+                loaded: Any = ViltModel.from_pretrained(str(path_or_id), output_loading_info=True)
+                vilt, info = loaded
         except Exception as exc:  # safetensors, torch and OS errors alike mean "bad weights"
             raise CheckpointError(
                 f"cannot load the ViLT weights of {path_or_id} (expected model.safetensors or "
@@ -235,6 +236,7 @@ class VLDeformer(nn.Module):
         bias = _extended_mask(mask, hidden_states.dtype)  # (B, 1, 1, T)
         hidden_states = self.vilt.encoder(hidden_states, attention_mask=bias).last_hidden_state
         hidden_states = self.vilt.layernorm(hidden_states)  # (B, T, D)
+        assert self.vilt.pooler is not None  # checked in __init__
         pooled = self.vilt.pooler(hidden_states)  # (B, D): first token → dense → tanh
         return F.normalize(pooled.float(), dim=-1)
 
@@ -336,9 +338,10 @@ class EarlyInteraction(nn.Module):
             )
         try:
             with quiet_transformers():
-                network, info = ViltForImageAndTextRetrieval.from_pretrained(
+                loaded: Any = ViltForImageAndTextRetrieval.from_pretrained(
                     str(path_or_id), output_loading_info=True
                 )
+                network, info = loaded
         except Exception as exc:  # safetensors, torch and OS errors alike mean "bad weights"
             raise CheckpointError(f"cannot load the ViLT weights of {path_or_id}: {exc}") from exc
         if any(key.startswith("rank_output") for key in info.get("missing_keys", [])):

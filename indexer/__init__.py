@@ -1,0 +1,5 @@
+"""The offline indexer: encodes a gallery and captions into versioned FAISS indexes.
+
+``indexer.store`` is the on-disk format and its read-only view (the service reads indexes
+only through it); ``indexer.build`` runs a build; ``indexer.cli`` is the command line.
+"""

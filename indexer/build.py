@@ -1,0 +1,429 @@
+"""The build runner: read inputs → encode into shards → faiss indexes → publish a version.
+
+Everything that can be wrong with the arguments (paths, duplicate ids, the model directory,
+the output root, a concurrent build) is found before the first image is decoded and raised
+as :class:`UsageError`. Failures after that raise :class:`BuildError`; the partial build
+stays in ``INDEX_ROOT/.tmp-<version>`` for ``--resume``. ``CURRENT`` moves only after a
+complete version is on disk (:mod:`indexer.publish`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from indexer.errors import BuildError, UsageError
+from indexer.faiss_index import INDEX_OPTIONS, IndexPolicy
+from indexer.pipeline import EncodeStats, ShardCallback, encode_caption_shards, encode_image_shards
+from indexer.publish import (
+    TEMP_PREFIX,
+    BuildLock,
+    CaptionRow,
+    ImageRow,
+    base_manifest,
+    new_version_name,
+    publish_version,
+    remove_stale_builds,
+    stage_version,
+    write_manifest,
+)
+from indexer.shards import ShardStore
+from indexer.sources import (
+    CaptionCorpus,
+    Gallery,
+    SkippedItem,
+    link_captions,
+    read_captions,
+    read_gallery,
+)
+from indexer.store import FORMAT_VERSION
+from model.images import DEFAULT_MAX_PIXELS
+
+logger = logging.getLogger(__name__)
+
+BUILD_RECORD = "build.json"
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    """One build's settings; saved in the manifest."""
+
+    model_dir: Path
+    out_root: Path
+    images: Path | None = None
+    captions: Path | None = None
+    caption_split: str | None = None  # Karpathy split to keep (--split)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "auto"  # auto = bfloat16 on a GPU, float32 on the CPU
+    batch_size: int | None = None  # images per forward pass; None = 256 on a GPU, 32 on the CPU
+    workers: int | None = None  # decoding processes; None = one per core but one
+    threads: int | None = None  # torch intra-op threads for encoding; None = torch's default
+    index: str = "auto"
+    resume: bool = False
+    shard_size: int = 4096  # items per embedding shard: the unit of --resume
+    max_pixels: int = DEFAULT_MAX_PIXELS  # larger images are skipped as decompression bombs
+    policy: IndexPolicy = field(default_factory=IndexPolicy)
+    progress_interval_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.images is None and self.captions is None:
+            raise UsageError("give at least one of --images and --captions")
+        if self.index not in INDEX_OPTIONS:
+            raise UsageError(f"--index must be one of {INDEX_OPTIONS}, got {self.index!r}")
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise UsageError(f"--dtype must be auto or one of {sorted(DTYPES)}, got {self.dtype!r}")
+        for name in ("batch_size", "shard_size", "max_pixels", "threads"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+        if self.workers is not None and self.workers < 0:
+            raise UsageError(f"--workers must be >= 0, got {self.workers}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(json.loads(json.dumps(dataclasses.asdict(self), default=str)))
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    """A published version and what went into it."""
+
+    version: str
+    directory: Path
+    manifest: dict[str, Any]
+
+    def summary(self) -> str:
+        """The one-line summary the CLI prints."""
+        counts = self.manifest["counts"]
+        build = self.manifest["build"]
+        reasons = ", ".join(
+            f"{r}: {n}" for r, n in sorted(self.manifest["skipped_by_reason"].items())
+        )
+        return (
+            f"published {self.version}: {counts['images']} images, {counts['captions']} captions, "
+            f"{counts['skipped']} skipped{f' ({reasons})' if reasons else ''} in "
+            f"{build['seconds']:.1f} s ({build['images_per_s']:.1f} images/s, "
+            f"{build['captions_per_s']:.1f} captions/s) -> {self.directory}"
+        )
+
+
+@dataclass
+class _Modality:
+    """The encoded vectors of one modality and the input positions they came from."""
+
+    vectors: np.ndarray
+    positions: np.ndarray
+    skipped: list[SkippedItem]
+    stats: EncodeStats
+
+
+def run_build(config: BuildConfig, *, after_shard: ShardCallback | None = None) -> BuildResult:
+    """Build and publish a version; see the module docstring for the failure contract."""
+    started = time.perf_counter()
+    gallery = read_gallery(config.images) if config.images is not None else None
+    corpus = read_captions(config.captions, split=config.caption_split) if config.captions else None
+    if gallery is not None and not gallery.images:
+        raise BuildError(
+            f"no image file in {gallery.source} ({gallery.ignored_files} other files ignored); "
+            "CURRENT is unchanged"
+        )
+    if corpus is not None and not corpus.captions:
+        raise BuildError(f"no caption in {corpus.source}; CURRENT is unchanged")
+    root = Path(config.out_root)
+    if root.exists() and not root.is_dir():
+        raise UsageError(f"--out {root} is a file, not a directory")
+    threads = torch.get_num_threads()
+    with BuildLock(root):
+        if config.threads is not None:
+            torch.set_num_threads(config.threads)
+        try:
+            return _build_locked(config, root, gallery, corpus, started, after_shard)
+        finally:
+            torch.set_num_threads(threads)
+
+
+def _build_locked(
+    config: BuildConfig,
+    root: Path,
+    gallery: Gallery | None,
+    corpus: CaptionCorpus | None,
+    started: float,
+    after_shard: ShardCallback | None,
+) -> BuildResult:
+    """Everything after the lock: load, encode, index, publish."""
+    model = _load_model(config)
+    dim = int(model.embedding_dim)
+    digest = _inputs_digest(config, gallery, corpus, model.fingerprint)
+    build_dir, version = _prepare_build_dir(root, digest, config)
+    logger.info("building version %s in %s", version, build_dir)
+    images = captions = None
+    if gallery is not None:
+        images = _encode_images(model, gallery, build_dir, dim, config, after_shard)
+    if corpus is not None:
+        captions = _encode_captions(model, corpus, build_dir, dim, config, after_shard)
+    device = str(model.device.type)
+    staged = build_dir / "version"
+    if staged.exists():
+        shutil.rmtree(staged)
+    staged.mkdir()
+    manifest = _write_version(
+        staged, version, config, model, gallery, corpus, images, captions, device
+    )
+    manifest["build"]["seconds"] = round(time.perf_counter() - started, 3)
+    manifest = write_manifest(staged, _with_rates(manifest, images, captions))
+    directory = publish_version(root, staged, version)
+    shutil.rmtree(build_dir, ignore_errors=True)
+    return BuildResult(version, directory, manifest)
+
+
+def _load_model(config: BuildConfig) -> Any:
+    from model import CheckpointError, VLDeformer
+
+    if not Path(config.model_dir).is_dir():
+        raise UsageError(f"--model {config.model_dir}: no such directory")
+    device = config.device
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {device}: CUDA is not available on this machine")
+    on_gpu = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    dtype = DTYPES.get(config.dtype, torch.bfloat16 if on_gpu else torch.float32)
+    try:
+        model = VLDeformer.from_pretrained(config.model_dir, device=device, dtype=dtype)
+    except (CheckpointError, OSError, ValueError, RuntimeError) as exc:
+        raise UsageError(f"--model {config.model_dir} does not load: {exc}") from exc
+    logger.info(
+        "loaded model %s on %s (%s, dim %d, fingerprint %s…)",
+        config.model_dir,
+        model.device,
+        dtype,
+        model.embedding_dim,
+        model.fingerprint[:12],
+    )
+    return model
+
+
+def _inputs_digest(
+    config: BuildConfig, gallery: Gallery | None, corpus: CaptionCorpus | None, fingerprint: str
+) -> str:
+    """What a resumable build must share: inputs (with file sizes and mtimes), model, sharding."""
+    digest = hashlib.sha256()
+    header = {
+        "format": FORMAT_VERSION,
+        "model": fingerprint,
+        "shard_size": config.shard_size,
+        "max_pixels": config.max_pixels,
+    }
+    digest.update(json.dumps(header, sort_keys=True).encode())
+    for image in gallery.images if gallery else ():
+        try:
+            stat = image.path.stat()
+            signature = f"{stat.st_size}:{stat.st_mtime_ns}"
+        except OSError:
+            signature = "missing"
+        digest.update(f"I\0{image.id}\0{image.path}\0{signature}\0{image.captions}\n".encode())
+    for caption in corpus.captions if corpus else ():
+        digest.update(f"C\0{caption.id}\0{caption.caption}\0{caption.image_ref}\n".encode())
+    return digest.hexdigest()
+
+
+def _prepare_build_dir(root: Path, digest: str, config: BuildConfig) -> tuple[Path, str]:
+    """A fresh ``.tmp-<version>`` directory, or with ``resume`` the newest one of these inputs."""
+    version = new_version_name()
+    build_dir = root / f"{TEMP_PREFIX}{version}"
+    if config.resume:
+        for candidate in sorted(root.glob(f"{TEMP_PREFIX}*"), reverse=True):
+            try:
+                record = json.loads((candidate / BUILD_RECORD).read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                continue
+            if record.get("digest") == digest:
+                os.rename(candidate, build_dir)  # a new name keeps version names in build order
+                logger.info("resuming the interrupted build %s as %s", candidate.name, version)
+                remove_stale_builds(root, keep=build_dir)
+                return build_dir, version
+        logger.warning("--resume: no interrupted build of these inputs and model; starting afresh")
+    remove_stale_builds(root)
+    build_dir.mkdir()
+    record = {"digest": digest, "started_at": _now(), "config": config.to_dict()}
+    (build_dir / BUILD_RECORD).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    return build_dir, version
+
+
+def _encode_images(
+    model: Any,
+    gallery: Gallery,
+    build_dir: Path,
+    dim: int,
+    config: BuildConfig,
+    after_shard: ShardCallback | None,
+) -> _Modality:
+    on_gpu = model.device.type == "cuda"
+    workers = config.workers if config.workers is not None else max(1, (os.cpu_count() or 2) - 1)
+    batch_size = config.batch_size or (256 if on_gpu else 32)
+    ids = [image.id for image in gallery.images]
+    store = ShardStore(build_dir / "shards" / "images", ids, config.shard_size, dim)
+    stats = encode_image_shards(
+        model,
+        [str(image.path) for image in gallery.images],
+        store,
+        batch_size=batch_size,
+        workers=workers,
+        max_pixels=config.max_pixels,
+        progress_interval_s=config.progress_interval_s,
+        after_shard=after_shard,
+    )
+    content = store.assemble()
+    skipped = list(content.skipped)
+    if len(content.positions) == 0:
+        reasons = Counter(item.reason for item in skipped)
+        raise BuildError(
+            f"no usable image among the {len(ids)} files of {gallery.source} "
+            f"(skipped: {dict(reasons)}); CURRENT is unchanged"
+        )
+    return _Modality(content.vectors, content.positions, skipped, stats)
+
+
+def _encode_captions(
+    model: Any,
+    corpus: CaptionCorpus,
+    build_dir: Path,
+    dim: int,
+    config: BuildConfig,
+    after_shard: ShardCallback | None,
+) -> _Modality:
+    on_gpu = model.device.type == "cuda"
+    batch_size = config.batch_size or (256 if on_gpu else 64)
+    ids = [caption.id for caption in corpus.captions]
+    store = ShardStore(build_dir / "shards" / "captions", ids, config.shard_size, dim)
+    stats = encode_caption_shards(
+        model,
+        [caption.caption for caption in corpus.captions],
+        store,
+        batch_size=batch_size,
+        progress_interval_s=config.progress_interval_s,
+        after_shard=after_shard,
+    )
+    content = store.assemble()
+    return _Modality(content.vectors, content.positions, list(corpus.skipped), stats)
+
+
+def _write_version(
+    staged: Path,
+    version: str,
+    config: BuildConfig,
+    model: Any,
+    gallery: Gallery | None,
+    corpus: CaptionCorpus | None,
+    images: _Modality | None,
+    captions: _Modality | None,
+    device: str,
+) -> dict[str, Any]:
+    """Write the faiss indexes and the metadata into ``staged``; return the manifest so far."""
+    image_rows: list[ImageRow] = []
+    caption_rows: list[CaptionRow] = []
+    indexed_ids: list[str] = []
+    if gallery is not None and images is not None:
+        indexed_ids = [gallery.images[p].id for p in images.positions]
+    links: list[str | None] = []
+    if corpus is not None and captions is not None:
+        chosen = [corpus.captions[p] for p in captions.positions]
+        links = link_captions(chosen, indexed_ids)
+        caption_rows = [
+            CaptionRow(row, c.id, c.caption, link, c.image_ref)
+            for row, (c, link) in enumerate(zip(chosen, links, strict=True))
+        ]
+    if gallery is not None and images is not None:
+        linked: dict[str, list[str]] = {}
+        for caption_row in caption_rows:
+            if caption_row.image_id is not None:
+                linked.setdefault(caption_row.image_id, []).append(caption_row.caption)
+        for row, position in enumerate(images.positions):
+            image = gallery.images[position]
+            texts = tuple(dict.fromkeys([*image.captions, *linked.get(image.id, [])]))
+            image_rows.append(ImageRow(row, image.id, str(image.path), texts))
+    indexes = stage_version(
+        staged,
+        image_rows=image_rows,
+        image_vectors=images.vectors if images else None,
+        caption_rows=caption_rows,
+        caption_vectors=captions.vectors if captions else None,
+        index=config.index,
+        policy=config.policy,
+        device=device,
+    )
+    skipped = [*(images.skipped if images else []), *(captions.skipped if captions else [])]
+    manifest = base_manifest(
+        version, model.fingerprint, int(model.embedding_dim), indexes, image_rows, caption_rows
+    )
+    manifest["model"]["path"] = str(Path(config.model_dir).resolve())
+    return {
+        **manifest,
+        "counts": {
+            **manifest["counts"],
+            "skipped": len(skipped),
+            "captions_linked_to_images": sum(link is not None for link in links),
+            "ignored_files": gallery.ignored_files if gallery else 0,
+        },
+        "inputs": {
+            "images": _describe_source(gallery.source, gallery.format, len(gallery.images))
+            if gallery
+            else None,
+            "captions": _describe_source(corpus.source, corpus.format, len(corpus.captions))
+            if corpus
+            else None,
+        },
+        "skipped": [item.to_dict() for item in skipped],
+        "skipped_by_reason": dict(Counter(item.reason for item in skipped)),
+        "build": {
+            "config": config.to_dict(),
+            "device": device,
+            "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+            "images": images.stats.to_dict() if images else None,
+            "captions": captions.stats.to_dict() if captions else None,
+        },
+    }
+
+
+def _with_rates(
+    manifest: dict[str, Any], images: _Modality | None, captions: _Modality | None
+) -> dict[str, Any]:
+    build = manifest["build"]
+    build["resumed_items"] = sum(m.stats.resumed for m in (images, captions) if m is not None)
+    for name, modality in (("images", images), ("captions", captions)):
+        stats = modality.stats if modality is not None else None
+        build[f"{name}_per_s"] = (
+            round(stats.encoded / stats.seconds, 2) if stats and stats.seconds else 0.0
+        )
+    return manifest
+
+
+def _describe_source(source: Path, kind: str, candidates: int) -> dict[str, Any]:
+    return {"path": str(Path(source).resolve()), "format": kind, "candidates": candidates}
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def skipped_lines(manifest: dict[str, Any], limit: int = 20) -> Sequence[str]:
+    """Human lines for the skipped inputs of a manifest, at most ``limit`` plus a remainder line."""
+    items = manifest.get("skipped", [])
+    lines = [
+        f"  skipped {item['path'] or item['id']}: {item['reason']} ({item['detail']})"
+        for item in items[:limit]
+    ]
+    if len(items) > limit:
+        lines.append(f"  … and {len(items) - limit} more (see manifest.json)")
+    return lines

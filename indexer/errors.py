@@ -1,0 +1,14 @@
+"""The two ways a build can fail, mapped to the CLI's exit codes by :mod:`indexer.cli`."""
+
+from __future__ import annotations
+
+
+class UsageError(ValueError):
+    """Bad arguments or inputs, found before any encoding starts (exit code 2).
+
+    The message names the offending value: the path, the id, the file and line.
+    """
+
+
+class BuildError(RuntimeError):
+    """The build ran but could not produce a version (exit code 1); ``CURRENT`` is untouched."""

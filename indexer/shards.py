@@ -1,0 +1,145 @@
+"""Embedding shards: a build's progress on disk, so ``--resume`` skips finished work.
+
+The inputs of one modality (in build order, bad files included) are cut into fixed ranges
+of ``shard_size`` positions. Shard ``i`` covers positions ``[i·size, (i+1)·size)`` and is two
+files in ``<build dir>/shards/<modality>/``:
+
+- ``000012.npy``: float32 ``(n_valid, D)`` embeddings of the range's valid items;
+- ``000012.json``: the range, the ids it covers, the positions of the valid items and the
+  skipped items with reasons. Written last (temp file + rename), so its presence means
+  the shard is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from indexer.sources import SkippedItem
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One range of input positions ``[start, stop)``."""
+
+    index: int
+    start: int
+    stop: int
+
+
+@dataclass(frozen=True)
+class ShardContent:
+    """A finished shard: valid positions ``(n,)`` int64, their vectors ``(n, D)``, skipped items."""
+
+    positions: np.ndarray
+    vectors: np.ndarray
+    skipped: tuple[SkippedItem, ...]
+
+
+class ShardStore:
+    """The shards of one modality of one build (``ids`` in build order)."""
+
+    def __init__(self, directory: Path, ids: Sequence[str], shard_size: int, dim: int) -> None:
+        if shard_size < 1:
+            raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+        self.directory = directory
+        self.ids = ids
+        self.dim = dim
+        self.shards = [
+            Shard(i, start, min(start + shard_size, len(ids)))
+            for i, start in enumerate(range(0, len(ids), shard_size))
+        ]
+        directory.mkdir(parents=True, exist_ok=True)
+
+    def _paths(self, shard: Shard) -> tuple[Path, Path]:
+        stem = self.directory / f"{shard.index:06d}"
+        return stem.with_suffix(".npy"), stem.with_suffix(".json")
+
+    def is_done(self, shard: Shard) -> bool:
+        """True when the shard was completely written for these same ids."""
+        vectors_path, record_path = self._paths(shard)
+        if not (vectors_path.is_file() and record_path.is_file()):
+            return False
+        try:
+            record = json.loads(record_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return False
+        return bool(
+            record.get("start") == shard.start
+            and record.get("stop") == shard.stop
+            and record.get("ids") == list(self.ids[shard.start : shard.stop])
+        )
+
+    def pending(self) -> list[Shard]:
+        """Shards still to encode."""
+        return [shard for shard in self.shards if not self.is_done(shard)]
+
+    def write(
+        self,
+        shard: Shard,
+        positions: Sequence[int],
+        vectors: np.ndarray,
+        skipped: Sequence[SkippedItem],
+    ) -> None:
+        """Store a finished shard: vectors first, then the record that marks it complete."""
+        if vectors.shape != (len(positions), self.dim) or vectors.dtype != np.float32:
+            raise ValueError(
+                f"shard {shard.index}: expected float32 vectors of shape "
+                f"({len(positions)}, {self.dim}), got {vectors.dtype} {vectors.shape}"
+            )
+        vectors_path, record_path = self._paths(shard)
+        partial = vectors_path.with_name(vectors_path.name + ".part")
+        with open(partial, "wb") as stream:
+            np.save(stream, vectors)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(partial, vectors_path)
+        record = {
+            "index": shard.index,
+            "start": shard.start,
+            "stop": shard.stop,
+            "ids": list(self.ids[shard.start : shard.stop]),
+            "positions": [int(p) for p in positions],
+            "skipped": [item.to_dict() for item in skipped],
+        }
+        partial = record_path.with_name(record_path.name + ".part")
+        with open(partial, "w", encoding="utf-8") as stream:
+            json.dump(record, stream)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(partial, record_path)
+
+    def read(self, shard: Shard) -> ShardContent:
+        """Load a finished shard."""
+        vectors_path, record_path = self._paths(shard)
+        record = json.loads(record_path.read_text(encoding="utf-8"))
+        vectors = np.load(vectors_path)
+        positions = np.asarray(record["positions"], dtype=np.int64)
+        if vectors.shape != (len(positions), self.dim):
+            raise ValueError(
+                f"shard {vectors_path} holds {vectors.shape} vectors for {len(positions)} items"
+            )
+        skipped = tuple(SkippedItem(**item) for item in record["skipped"])
+        return ShardContent(positions, vectors, skipped)
+
+    def assemble(self) -> ShardContent:
+        """All shards in order: valid positions ``(n,)``, vectors ``(n, D)``, skipped items."""
+        contents = [self.read(shard) for shard in self.shards]
+        total = sum(len(c.positions) for c in contents)
+        vectors = np.empty((total, self.dim), dtype=np.float32)
+        positions = np.empty(total, dtype=np.int64)
+        row = 0
+        for content in contents:
+            vectors[row : row + len(content.positions)] = content.vectors
+            positions[row : row + len(content.positions)] = content.positions
+            row += len(content.positions)
+        skipped = tuple(item for c in contents for item in c.skipped)
+        return ShardContent(positions, vectors, skipped)

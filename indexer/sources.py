@@ -1,0 +1,372 @@
+"""Readers for the build's inputs: the image gallery and the caption corpus.
+
+Gallery (``--images``):
+  - a folder, scanned recursively (hidden entries skipped). Files with an image extension
+    (:data:`IMAGE_EXTENSIONS`) or a known unsupported one (:data:`REFUSED_EXTENSIONS`: SVG,
+    EPS, PDF…, so they are reported, not silently dropped) are candidates; the decoder then
+    judges the content. The id is the path relative to the folder, with ``/``.
+  - a JSONL manifest: ``{"path": ..., "id"?: ..., "captions"?: [...] | "caption"?: ...}``
+  - a CSV manifest with a header: ``path``, optional ``id``, ``captions`` (``|``-separated)
+    and ``caption``. Relative paths are relative to the manifest's folder; ids default to
+    the path as written.
+
+Captions (``--captions``), by extension:
+  - ``.jsonl`` / ``.ndjson``: ``{"caption": ..., "id"?: ..., "image"?: <gallery id>}``
+  - ``.txt``: one caption per non-blank line; the id is the line number;
+  - ``.json``: Karpathy splits (``images[].sentences[].raw``, optional ``--split``) or COCO
+    captions (``images[].file_name`` + ``annotations[].caption``).
+
+Malformed input raises :class:`indexer.errors.UsageError` naming the file and line (or JSON
+path); duplicate ids do too. Empty captions are skipped and reported, not fatal.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from indexer.errors import UsageError
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
+REFUSED_EXTENSIONS = frozenset(
+    {".svg", ".svgz", ".eps", ".ps", ".pdf", ".psd", ".ai", ".heic", ".heif", ".avif", ".ico"}
+)
+CAPTION_FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".txt": "text", ".json": "json"}
+
+
+@dataclass(frozen=True)
+class GalleryImage:
+    """A candidate gallery image: its id, absolute resolved path, and captions from a manifest."""
+
+    id: str
+    path: Path
+    captions: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Gallery:
+    """The candidate images of ``--images`` in build order."""
+
+    source: Path
+    format: str  # "folder" | "jsonl" | "csv"
+    images: tuple[GalleryImage, ...]
+    ignored_files: int = 0  # folder entries without an image extension (README.txt…)
+
+
+@dataclass(frozen=True)
+class CaptionInput:
+    """A caption to index; ``image_ref`` names the image it describes as the file did."""
+
+    id: str
+    caption: str
+    image_ref: str | None
+    origin: str  # "file:line" or "file:images[3].sentences[1]", for messages
+
+
+@dataclass(frozen=True)
+class SkippedItem:
+    """An input left out of the index, with a short ``reason`` slug and a human ``detail``."""
+
+    modality: str  # "images" | "captions"
+    id: str
+    path: str | None
+    reason: str
+    detail: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "modality": self.modality,
+            "id": self.id,
+            "path": self.path,
+            "reason": self.reason,
+            "detail": self.detail,
+        }
+
+
+@dataclass(frozen=True)
+class CaptionCorpus:
+    """The captions of ``--captions`` in build order, and the ones skipped while reading."""
+
+    source: Path
+    format: str  # "jsonl" | "text" | "karpathy" | "coco"
+    captions: tuple[CaptionInput, ...]
+    skipped: tuple[SkippedItem, ...] = ()
+
+
+# ---------------------------------------------------------------------- gallery
+def read_gallery(path: Path) -> Gallery:
+    """Read ``--images``: a folder, a ``.jsonl`` or a ``.csv`` manifest (see module docstring)."""
+    path = Path(path)
+    if path.is_dir():
+        return _scan_folder(path)
+    if not path.is_file():
+        raise UsageError(f"--images {path}: no such folder or manifest file")
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".ndjson"):
+        rows = _gallery_jsonl_rows(path)
+        kind = "jsonl"
+    elif suffix == ".csv":
+        rows = _gallery_csv_rows(path)
+        kind = "csv"
+    else:
+        raise UsageError(
+            f"--images {path}: expected a folder, a .jsonl or a .csv manifest, got {suffix or 'no extension'!r}"
+        )
+    images: list[GalleryImage] = []
+    first_seen: dict[str, str] = {}
+    base = path.resolve().parent
+    for origin, image_id, raw_path, captions in rows:
+        _check_unique("image", image_id, origin, first_seen)
+        images.append(GalleryImage(image_id, (base / raw_path).resolve(), captions))
+    return Gallery(path, kind, tuple(images))
+
+
+def _scan_folder(folder: Path) -> Gallery:
+    images: list[GalleryImage] = []
+    ignored = 0
+    for directory, subdirs, files in os.walk(folder):
+        subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
+        for name in sorted(files):
+            if name.startswith("."):
+                continue
+            suffix = os.path.splitext(name)[1].lower()
+            if suffix not in IMAGE_EXTENSIONS and suffix not in REFUSED_EXTENSIONS:
+                ignored += 1
+                continue
+            full = Path(directory) / name
+            image_id = full.relative_to(folder).as_posix()
+            images.append(GalleryImage(image_id, full.resolve()))
+    return Gallery(folder, "folder", tuple(images), ignored)
+
+
+def _gallery_jsonl_rows(path: Path) -> Iterator[tuple[str, str, str, tuple[str, ...]]]:
+    for line_number, record in _jsonl_objects(path):
+        origin = f"{path}:{line_number}"
+        raw_path = record.get("path")
+        if not isinstance(raw_path, str) or not raw_path.strip():
+            raise UsageError(f"{origin}: expected a non-empty string 'path', got {raw_path!r}")
+        image_id = _id_text(record.get("id", raw_path), origin)
+        captions = _caption_list(record.get("captions"), record.get("caption"), origin)
+        yield origin, image_id, raw_path, captions
+
+
+def _gallery_csv_rows(path: Path) -> Iterator[tuple[str, str, str, tuple[str, ...]]]:
+    with open(path, newline="", encoding="utf-8-sig") as stream:
+        reader = csv.DictReader(stream)
+        if reader.fieldnames is None or "path" not in reader.fieldnames:
+            raise UsageError(
+                f"{path}:1: the CSV header must have a 'path' column, found {reader.fieldnames}"
+            )
+        for record in reader:
+            origin = f"{path}:{reader.line_num}"
+            raw_path = (record.get("path") or "").strip()
+            if not raw_path:
+                raise UsageError(f"{origin}: empty 'path'")
+            image_id = (record.get("id") or "").strip() or raw_path
+            joined = record.get("captions") or ""
+            captions = [c.strip() for c in joined.split("|")] + [record.get("caption") or ""]
+            yield origin, image_id, raw_path, tuple(c.strip() for c in captions if c.strip())
+
+
+def _caption_list(captions: Any, caption: Any, origin: str) -> tuple[str, ...]:
+    found: list[str] = []
+    if captions is not None:
+        if not isinstance(captions, list) or not all(isinstance(c, str) for c in captions):
+            raise UsageError(f"{origin}: 'captions' must be a list of strings, got {captions!r}")
+        found += captions
+    if caption is not None:
+        if not isinstance(caption, str):
+            raise UsageError(f"{origin}: 'caption' must be a string, got {caption!r}")
+        found.append(caption)
+    return tuple(c.strip() for c in found if c.strip())
+
+
+# ---------------------------------------------------------------------- captions
+def read_captions(path: Path, *, split: str | None = None) -> CaptionCorpus:
+    """Read ``--captions`` (format from the extension; see module docstring).
+
+    ``split`` keeps only the images of that Karpathy split (``train``, ``val``, ``test``…).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"--captions {path}: no such file")
+    kind = CAPTION_FORMATS.get(path.suffix.lower())
+    if kind is None:
+        raise UsageError(
+            f"--captions {path}: unknown format {path.suffix or 'no extension'!r}; "
+            f"expected one of {sorted(CAPTION_FORMATS)}"
+        )
+    if split is not None and kind != "json":
+        raise UsageError(f"--split {split} only applies to a Karpathy .json file, not {path}")
+    if kind == "jsonl":
+        entries = list(_captions_jsonl(path))
+    elif kind == "text":
+        entries = list(_captions_text(path))
+    else:
+        document = _load_json(path)
+        if isinstance(document, dict) and "annotations" in document and "images" in document:
+            kind, entries = "coco", list(_captions_coco(path, document))
+        elif isinstance(document, dict) and isinstance(document.get("images"), list):
+            kind, entries = "karpathy", list(_captions_karpathy(path, document, split))
+        else:
+            raise UsageError(
+                f"{path}: expected a Karpathy ({{'images': [{{'sentences': ...}}]}}) or a COCO "
+                f"captions ({{'images': ..., 'annotations': ...}}) document"
+            )
+    captions: list[CaptionInput] = []
+    skipped: list[SkippedItem] = []
+    first_seen: dict[str, str] = {}
+    for entry in entries:
+        _check_unique("caption", entry.id, entry.origin, first_seen)
+        if entry.caption.strip():
+            captions.append(entry)
+        else:
+            skipped.append(
+                SkippedItem("captions", entry.id, None, "empty_caption", f"{entry.origin}: empty")
+            )
+    return CaptionCorpus(path, kind, tuple(captions), tuple(skipped))
+
+
+def _captions_jsonl(path: Path) -> Iterator[CaptionInput]:
+    for line_number, record in _jsonl_objects(path):
+        origin = f"{path}:{line_number}"
+        caption = record.get("caption")
+        if not isinstance(caption, str):
+            raise UsageError(f"{origin}: expected a string 'caption', got {caption!r}")
+        image = record.get("image")
+        if image is not None and not isinstance(image, (str, int)):
+            raise UsageError(f"{origin}: 'image' must be a gallery id (string), got {image!r}")
+        caption_id = _id_text(record.get("id", str(line_number)), origin)
+        yield CaptionInput(caption_id, caption.strip(), _ref(image), origin)
+
+
+def _captions_text(path: Path) -> Iterator[CaptionInput]:
+    for line_number, line in _lines(path):
+        if line.strip():
+            yield CaptionInput(str(line_number), line.strip(), None, f"{path}:{line_number}")
+
+
+def _captions_karpathy(
+    path: Path, document: dict[str, Any], split: str | None
+) -> Iterator[CaptionInput]:
+    for i, image in enumerate(document["images"]):
+        where = f"{path}:images[{i}]"
+        if not isinstance(image, dict) or not isinstance(image.get("filename"), str):
+            raise UsageError(f"{where}: expected an object with a string 'filename'")
+        if split is not None and image.get("split") != split:
+            continue
+        folder = image.get("filepath")
+        ref = f"{folder}/{image['filename']}" if folder else image["filename"]
+        sentences = image.get("sentences")
+        if not isinstance(sentences, list):
+            raise UsageError(f"{where}: expected a list 'sentences', got {sentences!r}")
+        for j, sentence in enumerate(sentences):
+            origin = f"{where}.sentences[{j}]"
+            raw = sentence.get("raw") if isinstance(sentence, dict) else None
+            if not isinstance(raw, str):
+                raise UsageError(f"{origin}: expected an object with a string 'raw'")
+            caption_id = _id_text(sentence.get("sentid", f"{i}.{j}"), origin)
+            yield CaptionInput(caption_id, raw.strip(), _ref(ref), origin)
+
+
+def _captions_coco(path: Path, document: dict[str, Any]) -> Iterator[CaptionInput]:
+    files: dict[Any, str] = {}
+    for i, image in enumerate(document["images"]):
+        if not isinstance(image, dict) or "id" not in image or "file_name" not in image:
+            raise UsageError(f"{path}:images[{i}]: expected an object with 'id' and 'file_name'")
+        files[image["id"]] = str(image["file_name"])
+    for i, annotation in enumerate(document["annotations"]):
+        origin = f"{path}:annotations[{i}]"
+        if not isinstance(annotation, dict) or not isinstance(annotation.get("caption"), str):
+            raise UsageError(f"{origin}: expected an object with a string 'caption'")
+        image_id = annotation.get("image_id")
+        if image_id not in files:
+            raise UsageError(f"{origin}: image_id {image_id!r} is not in the 'images' list")
+        caption_id = _id_text(annotation.get("id", str(i)), origin)
+        yield CaptionInput(caption_id, annotation["caption"].strip(), files[image_id], origin)
+
+
+def link_captions(captions: Sequence[CaptionInput], gallery_ids: Iterable[str]) -> list[str | None]:
+    """The gallery id each caption describes, or None.
+
+    A reference matches an id exactly, or else by file name when exactly one gallery image
+    has that name (``images/test_1.png`` and Karpathy's ``filepath/filename`` both find
+    ``test_1.png`` in a folder gallery).
+    """
+    ids = set(gallery_ids)
+    by_name: dict[str, list[str]] = {}
+    for image_id in ids:
+        by_name.setdefault(PurePosixPath(image_id).name, []).append(image_id)
+    links: list[str | None] = []
+    for caption in captions:
+        ref = caption.image_ref
+        if ref is None:
+            links.append(None)
+        elif ref in ids:
+            links.append(ref)
+        else:
+            candidates = by_name.get(PurePosixPath(ref).name, [])
+            links.append(candidates[0] if len(candidates) == 1 else None)
+    return links
+
+
+# ---------------------------------------------------------------------- helpers
+def _lines(path: Path) -> Iterator[tuple[int, str]]:
+    try:
+        with open(path, encoding="utf-8-sig") as stream:
+            yield from enumerate(stream, start=1)
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"{path}: not UTF-8 text ({exc})") from exc
+
+
+def _jsonl_objects(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    for line_number, line in _lines(path):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise UsageError(f"{path}:{line_number}: invalid JSON ({exc.msg})") from exc
+        if not isinstance(record, dict):
+            raise UsageError(
+                f"{path}:{line_number}: expected a JSON object, got {line.strip()[:80]}"
+            )
+        yield line_number, record
+
+
+def _load_json(path: Path) -> Any:
+    try:
+        with open(path, encoding="utf-8-sig") as stream:
+            return json.load(stream)
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg})") from exc
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"{path}: not UTF-8 text ({exc})") from exc
+
+
+def _id_text(value: Any, origin: str) -> str:
+    if isinstance(value, bool) or not isinstance(value, (str, int)) or not str(value).strip():
+        raise UsageError(f"{origin}: an id must be a non-empty string or integer, got {value!r}")
+    return str(value).strip()
+
+
+def _ref(value: str | int | None) -> str | None:
+    if value is None:
+        return None
+    text = str(value).strip().replace("\\", "/")
+    while text.startswith("./"):
+        text = text[2:]
+    return text or None
+
+
+def _check_unique(kind: str, item_id: str, origin: str, first_seen: dict[str, str]) -> None:
+    if item_id in first_seen:
+        raise UsageError(
+            f"{origin}: duplicate {kind} id {item_id!r} (first at {first_seen[item_id]})"
+        )
+    first_seen[item_id] = origin
