@@ -308,7 +308,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--batch-size", type=int, default=128, help="pairs / items per forward pass"
     )
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (default 1; 2 threads on a shared 2-core machine ran 5-10x slower)",
+    )
     parser.add_argument(
         "--skip-ablations", action="store_true", help="skip the two ablation trainings"
     )

@@ -1,0 +1,214 @@
+"""The FastAPI application: ``create_app(settings)`` and the module-level ``app`` for uvicorn.
+
+Building the app reads settings only; the lifespan hook loads the model and the published
+index, starts one micro-batcher per modality and, if configured, polls ``CURRENT``. Importing
+this module loads no model, so ``uvicorn service.app:app`` and tests stay cheap to import.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from PIL import Image
+
+from indexer.store import IndexVersion, read_current
+from service.batching import BatchingConfig, MicroBatcher
+from service.errors import IndexRefused, install_error_handlers
+from service.index_holder import IndexHolder
+from service.metrics import MetricsMiddleware, ServiceMetrics
+from service.retrieval import Encoder, ImageSearch, TextSearch
+from service.routes import admin, health, images, pages, search
+from service.settings import Settings, SettingsError, load_settings, require_serving_paths
+from service.state import ServiceState, reload_served_index
+from service.uploads import BodySizeLimitMiddleware
+
+logger = logging.getLogger(__name__)
+
+EncoderLoader = Callable[[Settings], Encoder]
+
+
+def load_model(settings: Settings) -> Encoder:
+    """The decomposed VLDeformer from ``settings.model_dir`` on ``settings.device``."""
+    import torch
+
+    from model import VLDeformer  # heavy (torch + transformers): only when serving
+
+    model_dir, _ = require_serving_paths(settings)
+    if settings.torch_threads is not None:
+        torch.set_num_threads(settings.torch_threads)
+    model: Encoder = VLDeformer.from_pretrained(model_dir, device=settings.device)
+    return model
+
+
+def _batching_config(settings: Settings) -> BatchingConfig:
+    window_s = settings.batch_window_ms / 1000.0
+    return BatchingConfig(
+        max_batch_size=settings.max_batch_size if window_s > 0 else 1,
+        window_s=window_s,
+        max_wait_s=max(window_s, settings.batch_max_wait_ms / 1000.0),
+        capacity=settings.queue_size,
+        retry_after_s=settings.retry_after_s,
+    )
+
+
+def _warm_up(encoder: Encoder) -> None:
+    """One pass per modality before readiness, so the first user query pays no set-up cost."""
+    encoder.encode_text(["warm up"], batch_size=1)
+    encoder.encode_images([Image.new("RGB", (64, 64), "white")], batch_size=1)
+
+
+async def _poll_current(state: ServiceState, interval_s: float) -> None:
+    """Reload whenever CURRENT names a version that is neither served nor already refused."""
+    holder = state.holder
+    assert holder is not None
+    while True:
+        await asyncio.sleep(interval_s)
+        try:
+            published = await asyncio.to_thread(read_current, holder.root)
+            if published and published != holder.version and published not in holder.refused:
+                await reload_served_index(state)
+        except IndexRefused:
+            pass  # logged by the holder; the old version keeps serving
+        except Exception:
+            logger.exception("polling %s/CURRENT failed", holder.root)
+
+
+async def _start(state: ServiceState, load_encoder: EncoderLoader) -> None:
+    settings = state.settings
+    try:
+        _, index_root = require_serving_paths(settings)
+        started = time.monotonic()
+        encoder = await asyncio.to_thread(load_encoder, settings)
+    except Exception as exc:
+        logger.error("cannot start: %s", exc)
+        raise
+    await asyncio.to_thread(_warm_up, encoder)
+    state.encoder = encoder
+    if settings.teacher_dir is not None:
+        logger.info("VLD_TEACHER_DIR is set; this service does not re-rank with the teacher")
+    logger.info(
+        "model loaded from %s in %.1f s (dim %d, fingerprint %s…)",
+        settings.model_dir,
+        time.monotonic() - started,
+        encoder.embedding_dim,
+        encoder.fingerprint[:12],
+    )
+
+    def on_swap(index: IndexVersion) -> None:
+        state.metrics.set_index(index.version, index.image_count, index.caption_count)
+
+    state.holder = IndexHolder(
+        index_root, fingerprint=encoder.fingerprint, dim=encoder.embedding_dim, on_swap=on_swap
+    )
+    config = _batching_config(settings)
+    metrics = state.metrics
+    state.text_batcher = MicroBatcher(
+        "text",
+        TextSearch(encoder, metrics, delay_s=settings.encode_delay_s),
+        config,
+        on_depth=metrics.queue_depth.labels("text").set,
+        on_reject=metrics.rejected.labels("text").inc,
+    )
+    state.image_batcher = MicroBatcher(
+        "image",
+        ImageSearch(encoder, metrics, delay_s=settings.encode_delay_s),
+        config,
+        on_depth=metrics.queue_depth.labels("image").set,
+        on_reject=metrics.rejected.labels("image").inc,
+    )
+    await state.text_batcher.start()
+    await state.image_batcher.start()
+    try:
+        await asyncio.to_thread(state.holder.reload, verify=settings.verify_on_start)
+    except Exception as exc:
+        logger.error("NOT READY: %s (/readyz answers 503 until a valid version is loaded)", exc)
+        metrics.reloads.labels("refused").inc()
+    else:
+        metrics.reloads.labels("reloaded").inc()
+        state.ready_at = time.monotonic()
+        logger.info("ready %.2f s after the app started", state.ready_at - state.started_at)
+
+
+async def _stop(state: ServiceState) -> None:
+    for batcher in (state.text_batcher, state.image_batcher):
+        if batcher is not None:
+            await batcher.stop()
+    if state.holder is not None:
+        state.holder.close()
+
+
+def create_app(
+    settings: Settings | None = None, *, load_encoder: EncoderLoader | None = None
+) -> FastAPI:
+    """Build the app. Nothing heavy happens here; the lifespan loads the model and index.
+
+    ``load_encoder`` replaces :func:`load_model` (tests pass a fake or a slowed-down model).
+    """
+    settings = settings if settings is not None else load_settings()
+    metrics = ServiceMetrics()
+    state = ServiceState(settings=settings, metrics=metrics)
+    loader = load_encoder or load_model
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        state.started_at = time.monotonic()
+        await _start(state, loader)
+        poller = (
+            asyncio.create_task(_poll_current(state, settings.poll_interval_s))
+            if settings.poll_interval_s > 0
+            else None
+        )
+        try:
+            yield
+        finally:
+            if poller is not None:
+                poller.cancel()
+            await _stop(state)
+
+    app = FastAPI(
+        title="vldeformer",
+        version="0.1.0",
+        summary="Cross-modal retrieval: text → images and image → captions.",
+        description=(
+            "Queries are encoded on the fly by the decomposed VLDeformer (one ViLT encoding a "
+            "text or an image alone) and searched in the index the indexer published. Every "
+            'error has the body `{"error": {"code", "message", "details"}}`.'
+        ),
+        lifespan=lifespan,
+    )
+    app.state.service = state
+    install_error_handlers(app)
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_upload_bytes)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)  # outermost: counts 413s too
+    app.include_router(search.build_router(settings))
+    app.include_router(images.router)
+    app.include_router(health.router)
+    if settings.reload_token is not None:
+        app.include_router(admin.router)
+    app.include_router(pages.router)
+    return app
+
+
+def _module_app() -> FastAPI:
+    try:
+        return create_app()
+    except SettingsError as exc:
+        # Importing must not fail on bad environment values; starting must.
+        logger.error("%s", exc)
+        error = exc
+
+        @asynccontextmanager
+        async def refuse(app: FastAPI) -> AsyncIterator[None]:
+            raise error
+            yield  # pragma: no cover - unreachable; makes this an async generator
+
+        return FastAPI(title="vldeformer (misconfigured)", lifespan=refuse)
+
+
+# `uvicorn service.app:app` — settings from the VLD_* environment, model loaded at start-up.
+app = _module_app()

@@ -1,0 +1,187 @@
+"""Untrusted bodies: the request-size limit (before buffering) and image uploads.
+
+:class:`BodySizeLimitMiddleware` answers 413 as soon as a body is known to be too large:
+from ``Content-Length`` before reading a byte, or, for chunked bodies, the moment the
+running count crosses the limit. Image bytes are decoded only through
+:func:`model.images.open_image` (content-sniffed format allow-list, header pixel check before
+decoding, EXIF orientation, any mode → RGB); its errors become 400 / 413 / 415 here.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+
+from PIL import Image
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.formparsers import MultiPartException
+from starlette.requests import Request
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from model.images import (
+    ImageError,
+    TooManyPixelsError,
+    UnsupportedFormatError,
+    open_image,
+)
+from service.errors import (
+    BadRequest,
+    InvalidInput,
+    PayloadTooLarge,
+    UnsupportedMediaType,
+    error_response,
+)
+
+logger = logging.getLogger(__name__)
+
+# Raw-body content types POST /search/captions accepts (the content is sniffed regardless).
+RAW_IMAGE_TYPES: tuple[str, ...] = (
+    "image/jpeg",
+    "image/png",
+    "image/webp",
+    "image/gif",
+    "image/bmp",
+    "image/tiff",
+)
+_INTEGER = re.compile(r"^-?[0-9]{1,9}$")
+
+
+class _BodyTooLarge(StarletteHTTPException):
+    """Raised from ``receive`` mid-body; FastAPI re-raises HTTPExceptions from body parsing,
+    so the app's error handler renders it like any other 413."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"request body exceeds the limit of {limit} bytes")
+
+
+class BodySizeLimitMiddleware:
+    """Pure ASGI middleware: refuse bodies over ``max_bytes`` with 413 before buffering them."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = _content_length(scope)
+        if declared is not None and declared > self.max_bytes:
+            response = error_response(
+                413,
+                "payload_too_large",
+                f"Content-Length {declared} exceeds the limit of {self.max_bytes} bytes",
+                headers={"Connection": "close"},
+            )
+            await response(scope, receive, send)
+            return
+
+        received = 0
+        response_started = False
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise _BodyTooLarge(self.max_bytes)
+            return message
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal response_started
+            if message["type"] == "http.response.start":
+                response_started = True
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except _BodyTooLarge as exc:  # raised where no handler saw it (outside a route)
+            if response_started:
+                raise
+            response = error_response(413, "payload_too_large", str(exc.detail))
+            await response(scope, receive, send)
+
+
+def _content_length(scope: Scope) -> int | None:
+    for name, value in scope.get("headers", ()):
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
+
+
+@dataclass(frozen=True)
+class ImageUpload:
+    """The bytes of an uploaded image and the ``k`` form field, if one was sent."""
+
+    data: bytes
+    k_field: str | None
+
+
+async def read_image_upload(request: Request) -> ImageUpload:
+    """Read a multipart ``image`` part (+ optional ``k`` part) or a raw ``image/*`` body.
+
+    Raises 415 for any other content type, 400 for a malformed multipart body, 422 when the
+    ``image`` part is missing. The body-size limit applies while reading.
+    """
+    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media_type in RAW_IMAGE_TYPES:
+        return ImageUpload(data=await request.body(), k_field=None)
+    if media_type != "multipart/form-data":
+        raise UnsupportedMediaType(
+            f"Content-Type {media_type or '(none)'!r} is not accepted; send multipart/form-data "
+            f"with an 'image' part, or a raw body of one of {list(RAW_IMAGE_TYPES)}"
+        )
+    try:
+        form = await request.form(max_files=1, max_fields=8)
+    except MultiPartException as exc:
+        raise BadRequest(f"malformed multipart body: {exc.message}") from exc
+    try:
+        image = form.get("image")
+        if image is None:
+            raise InvalidInput(
+                "the multipart body has no 'image' part",
+                details=[{"loc": ["body", "image"], "msg": "Field required", "type": "missing"}],
+            )
+        data = await image.read() if isinstance(image, UploadFile) else image.encode()
+        k_value = form.get("k")
+        if isinstance(k_value, UploadFile):
+            k_field: str | None = (await k_value.read(32)).decode("utf-8", "replace")
+        else:
+            k_field = k_value
+        return ImageUpload(data=data, k_field=k_field)
+    finally:
+        await form.close()
+
+
+def parse_k_field(value: str, max_k: int) -> int:
+    """The multipart ``k`` part as an int in ``[1, max_k]``, else 422 naming the value."""
+    if not _INTEGER.match(value) or not 1 <= int(value) <= max_k:
+        raise InvalidInput(
+            f"k must be an integer from 1 to {max_k}, got {value[:40]!r}",
+            details=[{"loc": ["body", "k"], "msg": f"must be 1..{max_k}", "type": "int_range"}],
+        )
+    return int(value)
+
+
+def decode_upload(data: bytes, max_pixels: int) -> Image.Image:
+    """Decode uploaded bytes to an upright RGB image, or raise 400 / 413 / 415.
+
+    Blocking (decodes pixels): call it from a worker thread.
+    """
+    try:
+        return open_image(data, max_pixels=max_pixels)
+    except TooManyPixelsError as exc:
+        raise PayloadTooLarge(str(exc), code=exc.reason) from exc
+    except UnsupportedFormatError as exc:
+        raise UnsupportedMediaType(str(exc), code=exc.reason) from exc
+    except ImageError as exc:
+        raise BadRequest(str(exc), code=exc.reason) from exc
+    except Exception as exc:  # a decoder bug on hostile input must not become a 500
+        logger.warning("image decoder failed on a %d-byte upload: %r", len(data), exc)
+        raise BadRequest(f"cannot decode the image: {exc}", code="corrupt_image") from exc

@@ -1,0 +1,125 @@
+"""The OpenAPI schema documents every endpoint, and a schemathesis run against the ASGI app
+(real tiny model behind it) finds no server error and no schema violation."""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import pytest
+import schemathesis
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from service.app import create_app
+from service.settings import Settings
+from tests.service.conftest import TOKEN, TinyModelEnv
+
+
+# The schema is loaded at import (schemathesis parametrizes at collection); it depends only on
+# the limits, which the served app shares. Requests go to `served_app`, whose lifespan loads the
+# tiny model (schemathesis starts that lifespan once and keeps it for the process).
+def _valid_images() -> list[bytes]:
+    samples = []
+    for fmt, mode, size in [
+        ("PNG", "RGB", (40, 30)),
+        ("PNG", "RGBA", (16, 16)),
+        ("PNG", "L", (33, 20)),
+        ("JPEG", "RGB", (48, 48)),
+        ("JPEG", "CMYK", (20, 30)),
+        ("GIF", "P", (24, 24)),
+        ("WEBP", "RGB", (32, 16)),
+        ("BMP", "RGB", (10, 10)),
+        ("TIFF", "RGB", (12, 18)),
+    ]:
+        buffer = io.BytesIO()
+        Image.new(mode, size, "red" if mode != "CMYK" else (0, 200, 200, 0)).save(buffer, fmt)
+        samples.append(buffer.getvalue())
+    return samples
+
+
+# JSON Schema cannot say "a decodable image", only "bytes" (format: binary). Tell schemathesis
+# what valid bytes are, so its positive cases are real images that reach the model (its
+# negative cases and the raw-bytes tests in test_search.py cover everything else). BMP and TIFF
+# bodies also need a serializer, which registering the media type provides.
+_IMAGES = st.sampled_from(_valid_images())
+schemathesis.openapi.format("binary", _IMAGES)
+for _media_type in ("image/bmp", "image/tiff"):
+    schemathesis.openapi.media_type(_media_type, _IMAGES)
+
+_schema_app = create_app(Settings(reload_token=TOKEN))
+schema = schemathesis.openapi.from_dict(_schema_app.openapi())
+schema.app = _schema_app
+_SERVED: dict[str, Any] = {}
+
+
+@pytest.fixture(scope="module")
+def served_app(tiny_model_env: TinyModelEnv) -> Any:
+    if "app" not in _SERVED:
+        _SERVED["app"] = create_app(tiny_model_env.settings(reload_token=TOKEN))
+    return _SERVED["app"]
+
+
+def test_every_endpoint_and_error_is_documented(tiny_model_env: TinyModelEnv) -> None:
+    spec = create_app(tiny_model_env.settings(reload_token=TOKEN)).openapi()
+    paths = spec["paths"]
+    assert set(paths) == {
+        "/search/images",
+        "/search/captions",
+        "/images/{image_id}",
+        "/healthz",
+        "/readyz",
+        "/metrics",
+        "/admin/reload",
+        "/",
+        "/examples/query.png",
+    }
+    expected_errors = {
+        ("/search/images", "post"): {"400", "404", "413", "422", "503"},
+        ("/search/captions", "post"): {"400", "404", "413", "415", "422", "503"},
+        ("/images/{image_id}", "get"): {"404", "503"},
+        ("/readyz", "get"): {"503"},
+        ("/admin/reload", "post"): {"401", "409", "503"},
+    }
+    for (path, method), statuses in expected_errors.items():
+        responses = paths[path][method]["responses"]
+        assert statuses <= set(responses), (path, set(responses))
+        for status in statuses:
+            schema = responses[status]["content"]["application/json"]["schema"]
+            assert schema == {"$ref": "#/components/schemas/ErrorResponse"}
+    text = spec["components"]["schemas"]["TextSearchRequest"]["properties"]
+    assert text["k"]["minimum"] == 1 and text["k"]["maximum"] == 100
+    assert "1 to 1000 characters" in text["text"]["description"]
+    body = paths["/search/captions"]["post"]["requestBody"]["content"]
+    assert {"multipart/form-data", "image/jpeg", "image/png", "image/webp"} <= set(body)
+    assert body["multipart/form-data"]["schema"]["required"] == ["image"]
+    assert "examples" in body["image/png"]
+    assert spec["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
+
+
+@pytest.mark.slow
+@schema.parametrize()
+@settings(
+    max_examples=30,
+    deadline=None,
+    suppress_health_check=list(HealthCheck),
+    derandomize=True,
+)
+def test_schemathesis_finds_no_server_error_or_schema_violation(
+    served_app: Any, case: schemathesis.Case
+) -> None:
+    headers = {"Authorization": f"Bearer {TOKEN}"} if case.path == "/admin/reload" else None
+    case.call_and_validate(app=served_app, headers=headers)
+
+
+def test_the_fuzzer_reached_the_model(served_app: Any) -> None:
+    """Runs after the schemathesis test: its valid cases were encoded, not just rejected."""
+    metrics = served_app.state.service.metrics.render().decode()
+    for modality in ("text", "image"):
+        line = next(
+            row
+            for row in metrics.splitlines()
+            if row.startswith(f'vld_batch_size_count{{modality="{modality}"}}')
+        )
+        assert float(line.split()[-1]) >= 5, line
