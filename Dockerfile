@@ -25,7 +25,7 @@ RUN make install-gpu PYTHON=python3.11 VENV=/opt/venv TORCH_SPEC="${TORCH_SPEC}"
 RUN useradd --create-home --uid 10001 vld && mkdir -p /index && chown vld /index
 USER 10001
 
-# Model and index locations (mount them); every VLD_* setting is documented in the README.
+# Model and index locations (mount them); every operator setting (VLD_*) is documented in the README.
 ENV VLD_MODEL_DIR=/models/decomposed \
     VLD_INDEX_ROOT=/index \
     VLD_HOST=0.0.0.0 \

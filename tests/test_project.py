@@ -30,7 +30,12 @@ def _imported_top_level(path: Path) -> set[str]:
 
 @pytest.mark.parametrize(
     ("package", "forbidden"),
-    [("model", {"indexer", "service"}), ("indexer", {"service"}), ("bench", {"service"})],
+    [
+        # The model knows nothing of FAISS or HTTP; nothing imports the service.
+        ("model", {"indexer", "service", "faiss", "fastapi", "starlette", "uvicorn"}),
+        ("indexer", {"service", "fastapi", "starlette", "uvicorn"}),
+        ("bench", {"service"}),
+    ],
 )
 def test_import_direction(package: str, forbidden: set[str]) -> None:
     offenders = {
@@ -86,8 +91,10 @@ def test_compose_file_describes_indexer_and_api() -> None:
         assert any(v.split(":")[0] == "index" for v in volumes), (
             f"{name} lacks the shared index volume"
         )
-        gallery = [v for v in volumes if v.split(":")[1] == "/gallery"]
-        assert gallery and gallery[0].endswith(":ro"), f"{name}: gallery must be mounted read-only"
+        # "SOURCE:TARGET[:MODE]", where SOURCE may hold "${VAR:-default}": read from the right.
+        assert any(v.endswith(":/gallery:ro") for v in volumes), (
+            f"{name}: gallery must be read-only"
+        )
         devices = service["deploy"]["resources"]["reservations"]["devices"]
         assert any("gpu" in device["capabilities"] for device in devices), name
         command = service["command"]

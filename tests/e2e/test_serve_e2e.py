@@ -25,6 +25,7 @@ from tests.service.helpers import build_index, synthetic_gallery
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[2]
+DEMO_MODEL = ROOT / "model" / "assets" / "demo" / "decomposed"
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_FLAGS = [
     "--no-sandbox",
@@ -64,13 +65,19 @@ def _serve_command() -> list[str]:
 @pytest.fixture(scope="module")
 def served(tiny_vilt_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     base = tmp_path_factory.mktemp("e2e")
-    images, captions_file = synthetic_gallery(base / "gallery", n=8, seed=3)
+    # The committed demo model makes "a caption finds its own image" a real retrieval check
+    # (over 100 scenes with colour- and relation-swapped twins); the tiny random model only
+    # exercises the plumbing.
+    model_dir = DEMO_MODEL if (DEMO_MODEL / "config.json").is_file() else tiny_vilt_dir
+    images, captions_file = synthetic_gallery(
+        base / "gallery", n=100 if model_dir == DEMO_MODEL else 8, seed=3
+    )
     root = base / "index"
-    build_index(tiny_vilt_dir, root, images, captions_file)
+    build_index(model_dir, root, images, captions_file)
     port = _free_port()
     env = {
         **os.environ,
-        "VLD_MODEL_DIR": str(tiny_vilt_dir),
+        "VLD_MODEL_DIR": str(model_dir),
         "VLD_INDEX_ROOT": str(root),
         "VLD_HOST": "127.0.0.1",
         "VLD_PORT": str(port),
@@ -100,7 +107,7 @@ def served(tiny_vilt_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
                 pytest.fail(f"the server was not ready in 90 s:\n{log.read_text()}")
             time.sleep(0.2)
         captions = [json.loads(line) for line in captions_file.read_text().splitlines() if line]
-        yield Served(base_url, tiny_vilt_dir, root, images, captions, log)
+        yield Served(base_url, model_dir, root, images, captions, log)
     finally:
         process.send_signal(signal.SIGINT)
         try:
