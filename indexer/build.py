@@ -166,7 +166,7 @@ def _build_locked(
     """Everything after the lock: load, encode, index, publish."""
     model = _load_model(config)
     dim = int(model.embedding_dim)
-    digest = _inputs_digest(config, gallery, corpus, model.fingerprint)
+    digest = _inputs_digest(config, gallery, corpus, model)
     build_dir, version = _prepare_build_dir(root, digest, config)
     logger.info("building version %s in %s", version, build_dir)
     images = captions = None
@@ -191,14 +191,15 @@ def _build_locked(
 
 def _load_model(config: BuildConfig) -> Any:
     from model import CheckpointError, VLDeformer
+    from model.backbone import resolve_device
 
     if not Path(config.model_dir).is_dir():
         raise UsageError(f"--model {config.model_dir}: no such directory")
-    device = config.device
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"--device {device}: CUDA is not available on this machine")
-    on_gpu = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
-    dtype = DTYPES.get(config.dtype, torch.bfloat16 if on_gpu else torch.float32)
+    try:
+        device = resolve_device(config.device)
+    except (CheckpointError, RuntimeError) as exc:  # CUDA missing, or not a device name
+        raise UsageError(f"--device {config.device}: {exc}") from exc
+    dtype = DTYPES.get(config.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
     try:
         model = VLDeformer.from_pretrained(config.model_dir, device=device, dtype=dtype)
     except (CheckpointError, OSError, ValueError, RuntimeError) as exc:
@@ -215,13 +216,19 @@ def _load_model(config: BuildConfig) -> Any:
 
 
 def _inputs_digest(
-    config: BuildConfig, gallery: Gallery | None, corpus: CaptionCorpus | None, fingerprint: str
+    config: BuildConfig, gallery: Gallery | None, corpus: CaptionCorpus | None, model: Any
 ) -> str:
-    """What a resumable build must share: inputs (with file sizes and mtimes), model, sharding."""
+    """What a resumable build must share: inputs (with file sizes and mtimes), model, sharding.
+
+    The model counts with its dtype and device type: shards of another precision must not be
+    mixed into this build's vectors.
+    """
     digest = hashlib.sha256()
     header = {
         "format": FORMAT_VERSION,
-        "model": fingerprint,
+        "model": model.fingerprint,
+        "dtype": str(next(model.parameters()).dtype),
+        "device": str(model.device.type),
         "shard_size": config.shard_size,
         "max_pixels": config.max_pixels,
     }

@@ -442,6 +442,8 @@ def main(argv: list[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     _configure_logging(args.quiet)
     try:
+        if args.command != "build" and not args.root.is_dir():  # only build creates a root
+            raise UsageError(f"INDEX_ROOT {args.root}: no such directory")
         return _COMMANDS[args.command](args)
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)

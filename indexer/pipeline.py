@@ -12,7 +12,6 @@ an interrupted build resumes from the last finished shard.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import time
@@ -34,6 +33,7 @@ from model.images import (
     open_image,
     preprocess_image,
 )
+from model.modeling import autocast
 
 logger = logging.getLogger(__name__)
 
@@ -145,13 +145,6 @@ def _model_dtype(model: Any) -> torch.dtype:
     return dtype
 
 
-def _autocast(device: torch.device) -> contextlib.AbstractContextManager[Any]:
-    """bf16 autocast on GPU (as ``VLDeformer.encode_text`` does), nothing on CPU."""
-    if device.type == "cuda":
-        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def encode_image_shards(
     model: Any,
     paths: Sequence[str],
@@ -215,7 +208,7 @@ def encode_image_shards(
                 collected.skipped.append(item)
             if batch.pixel_values is not None and batch.pixel_mask is not None:
                 forward_started = time.perf_counter()
-                with torch.inference_mode(), _autocast(device):
+                with torch.inference_mode(), autocast(device):
                     vectors = model.encode_pixels(
                         batch.pixel_values.to(device, dtype=dtype, non_blocking=True),
                         batch.pixel_mask.to(device, non_blocking=True),

@@ -48,8 +48,8 @@ from indexer.store import (
     ImageRecord,
     list_versions,
     read_current,
-    sha256_file,
 )
+from model.files import file_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -253,7 +253,7 @@ def write_manifest(directory: Path, manifest: dict[str, Any]) -> dict[str, Any]:
         if path.name in (MANIFEST_FILE, MANIFEST_CHECKSUM_FILE):
             continue
         fsync_file(path)
-        files[path.name] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+        files[path.name] = {"sha256": file_sha256(path), "bytes": path.stat().st_size}
     manifest = {**manifest, "files": files}
     raw = (json.dumps(manifest, indent=2, sort_keys=False) + "\n").encode("utf-8")
     (directory / MANIFEST_FILE).write_bytes(raw)
@@ -312,6 +312,8 @@ def collect_garbage(root: Path, keep: int) -> list[str]:
     """
     if keep < 1:
         raise UsageError(f"--keep must be at least 1, got {keep}")
+    if not root.is_dir():  # the lock would create it
+        raise UsageError(f"INDEX_ROOT {root}: no such directory")
     with BuildLock(root):
         current = read_current(root)
         versions = list_versions(root)

@@ -6,7 +6,8 @@ files in ``<build dir>/shards/<modality>/``:
 
 - ``000012.npy``: float32 ``(n_valid, D)`` embeddings of the range's valid items;
 - ``000012.json``: the range, the ids it covers, the positions of the valid items and the
-  skipped items with reasons. Written last (temp file + rename), so its presence means
+  skipped items with reasons. Written last (temp file + rename, each file and the directory
+  fsynced), so its presence, with a ``.npy`` of as many rows as it lists positions, means
   the shard is complete.
 """
 
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from indexer.publish import fsync_dir
 from indexer.sources import SkippedItem
 
 logger = logging.getLogger(__name__)
@@ -64,18 +66,26 @@ class ShardStore:
         return stem.with_suffix(".npy"), stem.with_suffix(".json")
 
     def is_done(self, shard: Shard) -> bool:
-        """True when the shard was completely written for these same ids."""
+        """True when the shard was completely written for these same ids.
+
+        Both files must be there and the vectors must have one row per recorded position:
+        a record whose vectors are missing or cut short means the shard is to be redone.
+        """
         vectors_path, record_path = self._paths(shard)
         if not (vectors_path.is_file() and record_path.is_file()):
             return False
         try:
             record = json.loads(record_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+            positions = record["positions"]
+            shape = np.load(vectors_path, mmap_mode="r").shape  # maps it; reads the header only
+        except (OSError, ValueError, KeyError, TypeError):
             return False
         return bool(
             record.get("start") == shard.start
             and record.get("stop") == shard.stop
             and record.get("ids") == list(self.ids[shard.start : shard.stop])
+            and isinstance(positions, list)
+            and shape == (len(positions), self.dim)
         )
 
     def pending(self) -> list[Shard]:
@@ -102,6 +112,7 @@ class ShardStore:
             stream.flush()
             os.fsync(stream.fileno())
         os.replace(partial, vectors_path)
+        fsync_dir(self.directory)  # the vectors' name is on disk before the record's
         record = {
             "index": shard.index,
             "start": shard.start,
@@ -116,6 +127,7 @@ class ShardStore:
             stream.flush()
             os.fsync(stream.fileno())
         os.replace(partial, record_path)
+        fsync_dir(self.directory)
 
     def read(self, shard: Shard) -> ShardContent:
         """Load a finished shard."""

@@ -156,21 +156,34 @@ def _gallery_jsonl_rows(path: Path) -> Iterator[tuple[str, str, str, tuple[str, 
 
 
 def _gallery_csv_rows(path: Path) -> Iterator[tuple[str, str, str, tuple[str, ...]]]:
+    lines_read = 0  # csv's line_num lags behind a failing record: count lines for errors
+
+    def counted(stream: Iterable[str]) -> Iterator[str]:
+        nonlocal lines_read
+        for line in stream:
+            lines_read += 1
+            yield line
+
     with open(path, newline="", encoding="utf-8-sig") as stream:
-        reader = csv.DictReader(stream)
-        if reader.fieldnames is None or "path" not in reader.fieldnames:
-            raise UsageError(
-                f"{path}:1: the CSV header must have a 'path' column, found {reader.fieldnames}"
-            )
-        for record in reader:
-            origin = f"{path}:{reader.line_num}"
-            raw_path = (record.get("path") or "").strip()
-            if not raw_path:
-                raise UsageError(f"{origin}: empty 'path'")
-            image_id = (record.get("id") or "").strip() or raw_path
-            joined = record.get("captions") or ""
-            captions = [c.strip() for c in joined.split("|")] + [record.get("caption") or ""]
-            yield origin, image_id, raw_path, tuple(c.strip() for c in captions if c.strip())
+        reader = csv.DictReader(counted(stream))
+        try:
+            if reader.fieldnames is None or "path" not in reader.fieldnames:
+                raise UsageError(
+                    f"{path}:1: the CSV header must have a 'path' column, found {reader.fieldnames}"
+                )
+            for record in reader:
+                origin = f"{path}:{reader.line_num}"
+                raw_path = (record.get("path") or "").strip()
+                if not raw_path:
+                    raise UsageError(f"{origin}: empty 'path'")
+                image_id = (record.get("id") or "").strip() or raw_path
+                joined = record.get("captions") or ""
+                captions = [c.strip() for c in joined.split("|")] + [record.get("caption") or ""]
+                yield origin, image_id, raw_path, tuple(c.strip() for c in captions if c.strip())
+        except UnicodeDecodeError as exc:
+            raise _not_utf8(path, exc) from exc
+        except csv.Error as exc:
+            raise UsageError(f"{path}:{lines_read}: malformed CSV ({exc})") from exc
 
 
 def _caption_list(captions: Any, caption: Any, origin: str) -> tuple[str, ...]:
@@ -275,17 +288,25 @@ def _captions_karpathy(
 
 
 def _captions_coco(path: Path, document: dict[str, Any]) -> Iterator[CaptionInput]:
-    files: dict[Any, str] = {}
+    for key in ("images", "annotations"):
+        if not isinstance(document[key], list):
+            raise UsageError(f"{path}: expected {key!r} to be a list, got {document[key]!r:.80}")
+    files: dict[str | int, str] = {}
     for i, image in enumerate(document["images"]):
+        where = f"{path}:images[{i}]"
         if not isinstance(image, dict) or "id" not in image or "file_name" not in image:
-            raise UsageError(f"{path}:images[{i}]: expected an object with 'id' and 'file_name'")
-        files[image["id"]] = str(image["file_name"])
+            raise UsageError(f"{where}: expected an object with 'id' and 'file_name'")
+        if not _is_key(image["id"]):
+            raise UsageError(f"{where}: 'id' must be an integer or string, got {image['id']!r}")
+        if not isinstance(image["file_name"], str):
+            raise UsageError(f"{where}: 'file_name' must be a string, got {image['file_name']!r}")
+        files[image["id"]] = image["file_name"]
     for i, annotation in enumerate(document["annotations"]):
         origin = f"{path}:annotations[{i}]"
         if not isinstance(annotation, dict) or not isinstance(annotation.get("caption"), str):
             raise UsageError(f"{origin}: expected an object with a string 'caption'")
         image_id = annotation.get("image_id")
-        if image_id not in files:
+        if not _is_key(image_id) or image_id not in files:
             raise UsageError(f"{origin}: image_id {image_id!r} is not in the 'images' list")
         caption_id = _id_text(annotation.get("id", str(i)), origin)
         yield CaptionInput(caption_id, annotation["caption"].strip(), files[image_id], origin)
@@ -321,7 +342,18 @@ def _lines(path: Path) -> Iterator[tuple[int, str]]:
         with open(path, encoding="utf-8-sig") as stream:
             yield from enumerate(stream, start=1)
     except UnicodeDecodeError as exc:
-        raise UsageError(f"{path}: not UTF-8 text ({exc})") from exc
+        raise _not_utf8(path, exc) from exc
+
+
+def _not_utf8(path: Path, exc: UnicodeDecodeError) -> UsageError:
+    """The error for a file that does not decode, naming its first undecodable line."""
+    with open(path, "rb") as stream:  # the decoder reads ahead in blocks: find the line
+        for line_number, raw in enumerate(stream, start=1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as line_error:
+                return UsageError(f"{path}:{line_number}: not UTF-8 text ({line_error.reason})")
+    return UsageError(f"{path}: not UTF-8 text ({exc})")
 
 
 def _jsonl_objects(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -346,7 +378,12 @@ def _load_json(path: Path) -> Any:
     except json.JSONDecodeError as exc:
         raise UsageError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg})") from exc
     except UnicodeDecodeError as exc:
-        raise UsageError(f"{path}: not UTF-8 text ({exc})") from exc
+        raise _not_utf8(path, exc) from exc
+
+
+def _is_key(value: Any) -> bool:
+    """An image id a COCO record may use: an integer or a string (not a bool)."""
+    return isinstance(value, (str, int)) and not isinstance(value, bool)
 
 
 def _id_text(value: Any, origin: str) -> str:

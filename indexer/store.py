@@ -35,6 +35,7 @@ import faiss
 import numpy as np
 
 from indexer.faiss_index import SearchSettings, apply_search_settings
+from model.files import file_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -99,15 +100,6 @@ class CaptionRecord:
     id: str
     caption: str
     image_id: str | None
-
-
-def sha256_file(path: Path, block_size: int = 1 << 20) -> str:
-    """Hex sha256 of a file's bytes, read in blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        while block := stream.read(block_size):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def check_version_name(version: str) -> str:
@@ -480,7 +472,7 @@ def verify_version(
             problems.append(
                 f"{path} has {path.stat().st_size} bytes, manifest says {info.get('bytes')}"
             )
-        elif sha256_file(path) != info.get("sha256"):
+        elif file_sha256(path) != info.get("sha256"):
             problems.append(f"{path} does not match its sha256 in the manifest")
     if problems:
         return problems  # counts and searches would only fail less clearly on altered files

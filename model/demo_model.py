@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import logging
 import shutil
@@ -27,6 +26,7 @@ from pathlib import Path
 import torch
 
 from model.backbone import init_vilt_checkpoint
+from model.files import file_sha256
 from model.itm import ItmConfig, train_teacher
 from model.modeling import VLDeformer
 from model.synthetic import PRESETS, VOCABULARY, write_dataset
@@ -63,14 +63,6 @@ class DemoModelConfig:
     temperature: float = 0.05
     negatives: str = "bimodal"
     from_scratch: bool = False  # ablation: decompose the random initialisation, not the teacher
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def write_fingerprints(out_dir: Path) -> dict[str, str]:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.bench.test_search_index_smoke import load_bench
+from tests.bench.helpers import load_bench
 
 
 @pytest.mark.slow

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from indexer.cli import main
-from indexer.publish import BuildLock
+from indexer.errors import UsageError
+from indexer.publish import BuildLock, collect_garbage
 from indexer.store import list_versions, read_current
 from tests.indexer.conftest import BuiltIndex
 
@@ -159,3 +160,24 @@ def test_info_and_versions_show_the_published_version(
     assert main(["info", str(built.root), "--version", "20200101T000000Z-000000"]) == 2
     assert main(["verify", str(tmp_path)]) == 1
     assert "no version is published" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["gc", "--keep", "1"], ["info"], ["verify"], ["versions"]],
+    ids=["gc", "info", "verify", "versions"],
+)
+def test_commands_on_a_missing_root_are_usage_errors_and_create_nothing(
+    argv: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    typo = tmp_path / "typo"
+    assert main([argv[0], str(typo), *argv[1:]]) == 2
+    assert capsys.readouterr().err == f"error: INDEX_ROOT {typo}: no such directory\n"
+    assert not typo.exists()
+
+
+def test_collect_garbage_does_not_create_a_missing_root(tmp_path: Path) -> None:
+    typo = tmp_path / "typo"
+    with pytest.raises(UsageError, match=f"INDEX_ROOT {typo}: no such directory"):
+        collect_garbage(typo, keep=1)
+    assert not typo.exists()

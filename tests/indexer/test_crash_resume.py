@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
+from indexer.build import BuildConfig, run_build
 from indexer.cli import main
+from indexer.shards import Shard
 from indexer.store import (
     IndexVersion,
     list_versions,
@@ -24,6 +30,37 @@ from indexer.store import (
 from tests.indexer.conftest import BuiltIndex
 
 REPO = Path(__file__).resolve().parents[2]
+
+
+class _Interrupted(Exception):
+    """Raised by the test hook to stop a build after some shards, leaving its .tmp dir."""
+
+
+def _interrupt_after(shards: int) -> Callable[[Shard], None]:
+    written = 0
+
+    def hook(shard: Shard) -> None:
+        nonlocal written
+        written += 1
+        if written >= shards:
+            raise _Interrupted(f"stopped after shard {shard.index}")
+
+    return hook
+
+
+def _caption_config(
+    built: BuiltIndex, root: Path, captions_path: Path, **changes: Any
+) -> BuildConfig:
+    """A captions-only build in shards of 2 captions."""
+    settings: dict[str, Any] = {
+        "model_dir": built.model_dir,
+        "out_root": root,
+        "captions": captions_path,
+        "device": "cpu",
+        "shard_size": 2,
+        **changes,
+    }
+    return BuildConfig(**settings)
 
 
 def _vectors(root: Path, version: str) -> tuple[list[str], np.ndarray, list[str], np.ndarray]:
@@ -120,3 +157,44 @@ def test_resume_without_a_matching_build_starts_afresh(
     manifest = read_manifest(version_dir(built_copy, read_current(built_copy) or ""))
     assert manifest["build"]["resumed_items"] == 0
     assert manifest["counts"]["images"] == 0
+
+
+def test_resume_with_another_dtype_starts_afresh(
+    built: BuiltIndex, built_copy: Path, captions_path: Path
+) -> None:
+    float32 = _caption_config(built, built_copy, captions_path, dtype="float32")
+    with pytest.raises(_Interrupted):
+        run_build(float32, after_shard=_interrupt_after(2))
+    resumed = run_build(dataclasses.replace(float32, dtype="bfloat16", resume=True))
+    assert resumed.manifest["build"]["dtype"] == "bfloat16"
+    assert resumed.manifest["build"]["resumed_items"] == 0  # no float32 shard mixed in
+
+    # The same interruption resumed with the same dtype does reuse its shards.
+    with pytest.raises(_Interrupted):
+        run_build(float32, after_shard=_interrupt_after(2))
+    resumed = run_build(dataclasses.replace(float32, resume=True))
+    assert resumed.manifest["build"]["resumed_items"] == 4
+
+
+def test_a_shard_record_without_its_full_vectors_is_encoded_again(
+    built: BuiltIndex, built_copy: Path, captions_path: Path
+) -> None:
+    config = _caption_config(built, built_copy, captions_path)
+    count = len(built.captions)
+    with pytest.raises(_Interrupted):  # every shard written, nothing published
+        run_build(config, after_shard=_interrupt_after(math.ceil(count / 2)))
+    (shards,) = built_copy.glob(".tmp-*/shards/captions")
+    (shards / "000000.npy").unlink()  # a record whose vectors never reached the disk
+    dim = np.load(shards / "000001.npy").shape[1]
+    np.save(shards / "000001.npy", np.zeros((1, dim), dtype=np.float32))  # one row of two
+
+    result = run_build(dataclasses.replace(config, resume=True))
+    assert result.manifest["build"]["resumed_items"] == count - 4  # all but the two broken
+    assert verify_version(built_copy) == []
+    with IndexVersion.open(built.root, built.version) as full:
+        expected = full.reconstruct("captions", range(full.caption_count))
+    with IndexVersion.open(built_copy, result.version) as opened:
+        assert opened.caption_count == count
+        np.testing.assert_allclose(
+            opened.reconstruct("captions", range(count)), expected, atol=1e-6
+        )

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from indexer.cli import main
 from indexer.errors import UsageError
 from indexer.sources import CaptionInput, link_captions, read_captions, read_gallery
 
@@ -75,6 +76,26 @@ def test_bad_gallery_manifests_name_file_and_line(
         read_gallery(path)
 
 
+def test_undecodable_or_malformed_csv_manifests_are_usage_errors_with_the_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    not_utf8 = tmp_path / "latin1.csv"
+    not_utf8.write_bytes(b"id,path\na,a.png\nb,caf\xe9.png\n")
+    with pytest.raises(UsageError, match=r"latin1\.csv:3: not UTF-8 text"):
+        read_gallery(not_utf8)
+    oversized = tmp_path / "huge.csv"
+    oversized.write_text("id,path\na,a.png\nb," + "x" * 200_000 + ".png\n")
+    with pytest.raises(UsageError, match=r"huge\.csv:3: malformed CSV \(field larger"):
+        read_gallery(oversized)
+
+    # Through the CLI: "error: file:line ...", exit 2, no traceback.
+    root = tmp_path / "root"
+    argv = ["build", "--model", str(tmp_path), "--out", str(root), "--images", str(not_utf8)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {not_utf8}:3: not UTF-8 text") and "Traceback" not in err
+
+
 def test_missing_gallery_is_a_usage_error(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="no such folder"):
         read_gallery(tmp_path / "absent")
@@ -140,6 +161,14 @@ def test_caption_formats(tmp_path: Path) -> None:
          r"c\.json:images\[0\]\.sentences\[0\]: expected an object with a string 'raw'"),
         ("c.json", '{"images": [],\n "annotations": [{"image_id": 9, "caption": "x"}]}',
          r"c\.json:annotations\[0\]: image_id 9 is not in the 'images' list"),
+        ("c.json", '{"images": [{"id": [1], "file_name": "a.jpg"}], "annotations": []}',
+         r"c\.json:images\[0\]: 'id' must be an integer or string, got \[1\]"),
+        ("c.json", '{"images": [{"id": {"n": 1}, "file_name": "a.jpg"}], "annotations": []}',
+         r"c\.json:images\[0\]: 'id' must be an integer or string, got \{'n': 1\}"),
+        ("c.json", '{"images": [{"id": 1, "file_name": "a.jpg"}],\n'
+                   ' "annotations": [{"image_id": [1], "caption": "x"}]}',
+         r"c\.json:annotations\[0\]: image_id \[1\] is not in the 'images' list"),
+        ("c.json", '{"images": 3, "annotations": []}', r"c\.json: expected 'images' to be a list"),
         ("c.json", '{"images": [}', r"c\.json:1: invalid JSON"),
         ("c.json", '[1, 2]', r"expected a Karpathy"),
         ("c.csv", "caption\n", r"unknown format '\.csv'"),

@@ -11,8 +11,9 @@ import pytest
 
 from model import EarlyInteraction, VLDeformer
 from model.data import group_by_image, read_pairs
-from model.demo_model import FINGERPRINTS_FILE, DemoModelConfig, build_demo_models, file_sha256
+from model.demo_model import FINGERPRINTS_FILE, DemoModelConfig, build_demo_models
 from model.evaluate import evaluate
+from model.files import file_sha256
 from model.synthetic import PRESETS, write_dataset
 
 DEMO = Path(__file__).resolve().parents[2] / "model" / "assets" / "demo"
@@ -78,9 +79,10 @@ def test_committed_demo_models_match_their_recorded_fingerprints() -> None:
 
 
 # Regression floor for the demo model: text→image R@10 over the first 200 test images of the
-# demo split (1,000 captions). Set well below what bench/paper_claim.py measured on the full
-# split (see BENCHMARKS.md) so that only a real regression trips it; never tuned to pass.
-DEMO_T2I_R10_FLOOR = float("nan")
+# demo split (1,000 captions). The committed model measured 99.9 there (R@1 73.3); 95 leaves
+# room for float noise across machines while a real regression (tokenizer, pooling, image
+# preprocessing) falls far below it.
+DEMO_T2I_R10_FLOOR = 95.0
 
 
 @pytest.mark.skipif(not _demo_present(), reason="the demo models are not built (make demo-model)")
