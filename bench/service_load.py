@@ -119,15 +119,7 @@ def prepare_index(model_dir: Path, vectors: int, work_dir: Path, label: str) -> 
     Written with the indexer's writer (``indexer.publish``) so the service reads a real
     version; reused when one for the same model fingerprint and size exists.
     """
-    from indexer.publish import (
-        CaptionRow,
-        ImageRow,
-        base_manifest,
-        new_version_name,
-        publish_version,
-        stage_version,
-        write_manifest,
-    )
+    from indexer.publish import CaptionRow, ImageRow, publish_vectors
     from indexer.store import IndexVersion, read_current
     from model import VLDeformer
 
@@ -155,23 +147,15 @@ def prepare_index(model_dir: Path, vectors: int, work_dir: Path, label: str) -> 
         CaptionRow(row, f"cap{row:07d}", f"caption {row}", f"img{row:07d}.png", None)
         for row in range(vectors)
     ]
-    root.mkdir(parents=True, exist_ok=True)
-    version = new_version_name()
-    staging = root / f".tmp-{version}" / "version"
-    staging.mkdir(parents=True)
-    indexes = stage_version(
-        staging,
+    publish_vectors(
+        root,
+        fingerprint=fingerprint,
         image_rows=image_rows,
         image_vectors=unit(vectors),
         caption_rows=caption_rows,
         caption_vectors=unit(vectors),
         index="flat",
     )
-    write_manifest(
-        staging, base_manifest(version, fingerprint, dim, indexes, image_rows, caption_rows)
-    )
-    publish_version(root, staging, version)
-    staging.parent.rmdir()  # the emptied .tmp-<version>
     return root, dim
 
 

@@ -1,6 +1,7 @@
 """``python -m service`` / ``vldeformer-serve``: run the API under uvicorn.
 
-Settings come from ``VLD_*`` environment variables; the options below override them.
+Settings come from ``VLD_*`` environment variables; the options below override them (every
+setting has one except the reload token, which stays in the environment, and test hooks).
 Exit codes: 0 clean shutdown, 1 start-up failed (model or paths), 2 invalid settings.
 """
 
@@ -14,27 +15,55 @@ from pathlib import Path
 import uvicorn
 
 from service.app import create_app
-from service.settings import SettingsError, load_settings
+from service.settings import Settings, SettingsError, env_name, load_settings
+
+# Settings that have no option: secrets (a token on a command line shows in `ps` and shell
+# history) and test hooks. Every other setting has one.
+ENV_ONLY_SETTINGS = frozenset({"reload_token", "encode_delay_s"})
+
+
+def _help(field: str) -> str:
+    """The setting's description, its variable and its default, from :class:`Settings`."""
+    info = Settings.model_fields[field]
+    default = "unset" if info.default is None else info.default
+    return f"{info.description} ({env_name(field)}; default {default})".replace("%", "%%")
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vldeformer-serve",
         description="Serve the vldeformer search API. Every option defaults to its VLD_* "
-        "environment variable (e.g. --max-k ← VLD_MAX_K), then to the built-in default.",
+        "environment variable (e.g. --max-k <- VLD_MAX_K), then to the built-in default.",
+        epilog="The admin reload token is read from VLD_RELOAD_TOKEN only, never from an "
+        "option: a token on a command line shows in `ps` and in shell history.",
     )
-    parser.add_argument("--model-dir", type=Path, help="decomposed checkpoint (VLD_MODEL_DIR)")
-    parser.add_argument("--index-root", type=Path, help="indexer output root (VLD_INDEX_ROOT)")
-    parser.add_argument("--device", help="auto, cpu, cuda, cuda:N (VLD_DEVICE; default auto)")
-    parser.add_argument("--host", help="bind address (VLD_HOST; default 127.0.0.1)")
-    parser.add_argument("--port", type=int, help="bind port, 0 = any free (VLD_PORT; default 8000)")
-    parser.add_argument("--queue-size", type=int, help="per-modality queue (VLD_QUEUE_SIZE; 64)")
-    parser.add_argument(
-        "--batch-window-ms", type=float, help="batch window, 0 = off (VLD_BATCH_WINDOW_MS; 5)"
-    )
-    parser.add_argument("--max-batch-size", type=int, help="queries per pass (VLD_MAX_BATCH_SIZE)")
-    parser.add_argument("--poll-interval-s", type=float, help="poll CURRENT (VLD_POLL_INTERVAL_S)")
-    parser.add_argument("--log-level", help="critical … debug (VLD_LOG_LEVEL; default info)")
+    options: list[tuple[str, type | None]] = [
+        ("model_dir", Path),
+        ("index_root", Path),
+        ("teacher_dir", Path),
+        ("device", str),
+        ("torch_threads", int),
+        ("host", str),
+        ("port", int),
+        ("max_upload_bytes", int),
+        ("max_image_pixels", int),
+        ("max_k", int),
+        ("max_text_chars", int),
+        ("queue_size", int),
+        ("batch_window_ms", float),
+        ("batch_max_wait_ms", float),
+        ("max_batch_size", int),
+        ("retry_after_s", int),
+        ("poll_interval_s", float),
+        ("verify_on_start", None),  # a switch: --verify-on-start / --no-verify-on-start
+        ("log_level", str),
+    ]
+    for field, kind in options:
+        flag = "--" + field.replace("_", "-")
+        if kind is None:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=_help(field))
+        else:
+            parser.add_argument(flag, type=kind, help=_help(field))
     return parser
 
 

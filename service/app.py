@@ -8,6 +8,7 @@ this module loads no model, so ``uvicorn service.app:app`` and tests stay cheap 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -139,7 +140,8 @@ async def _stop(state: ServiceState) -> None:
         if batcher is not None:
             await batcher.stop()
     if state.holder is not None:
-        state.holder.close()
+        # In a thread: close() waits for a reload thread still running (a cancelled poller's).
+        await asyncio.to_thread(state.holder.close)
 
 
 def create_app(
@@ -168,6 +170,8 @@ def create_app(
         finally:
             if poller is not None:
                 poller.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await poller
             await _stop(state)
 
     app = FastAPI(

@@ -6,8 +6,9 @@ Each modality has one :class:`MicroBatcher`. A batch is sent when it is full
 fixed time matters under load: the event loop parses a burst of requests one by one, a few
 ms apart, and a fixed window would cut that burst into small batches. A lone query waits
 ``window_s``. The batch runs in the batcher's own worker thread (so the event loop stays free
-and batches of one modality never overlap). Admission is bounded: at most ``capacity`` queries may be waiting or
-running; the next one gets :class:`service.errors.Overloaded` (HTTP 503 + Retry-After) at once.
+and batches of one modality never overlap). Admission is bounded: at most ``capacity`` queries
+may be being prepared (:meth:`MicroBatcher.submit_prepared`), waiting or running; the next one
+gets :class:`service.errors.Overloaded` (HTTP 503 + Retry-After) at once.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Generic, TypeVar
@@ -98,16 +99,33 @@ class MicroBatcher(Generic[ItemT, ResultT]):
             self._worker = None
         queue, self._queue = self._queue, None  # later submits get NotReady, not a dead queue
         if queue is not None:
-            while not queue.empty():
-                pending = queue.get_nowait()
-                if not pending.future.done():
-                    pending.future.set_exception(NotReady("the service is shutting down"))
+            waiting = [queue.get_nowait() for _ in range(queue.qsize())]
+            self._fail(waiting, NotReady("the service is shutting down"))
+            self._admit(-len(waiting))
         if self._executor is not None:
             self._executor.shutdown(wait=True)
             self._executor = None
 
     async def submit(self, item: ItemT) -> ResultT:
         """Queue ``item`` and wait for its result; :class:`Overloaded` at once when full."""
+        self._reserve()
+        return await self._enqueue(item)
+
+    async def submit_prepared(self, prepare: Callable[[], Awaitable[ItemT]]) -> ResultT:
+        """Take a place in the queue, then ``await prepare()`` for the item and queue it.
+
+        For items that are costly to make (a decoded upload): a full queue refuses at once,
+        before ``prepare`` runs, and items being prepared count toward ``capacity``.
+        """
+        self._reserve()
+        try:
+            item = await prepare()
+        except BaseException:
+            self._admit(-1)
+            raise
+        return await self._enqueue(item)
+
+    def _reserve(self) -> None:
         if self._queue is None:
             raise NotReady(f"the {self.name} encoder is not running")
         if self._admitted >= self.config.capacity:
@@ -116,15 +134,26 @@ class MicroBatcher(Generic[ItemT, ResultT]):
                 f"the {self.name} queue is full ({self.config.capacity} queries); retry later",
                 retry_after_s=self.config.retry_after_s,
             )
+        self._admit(+1)
+
+    async def _enqueue(self, item: ItemT) -> ResultT:
+        """Queue an item whose place :meth:`_reserve` took; the worker gives the place back."""
+        if self._queue is None:  # stopped while the item was being prepared
+            self._admit(-1)
+            raise NotReady("the service is shutting down")
         loop = asyncio.get_running_loop()
         pending = _Pending(item, loop.create_future(), loop.time())
-        self._admit(+1)
         self._queue.put_nowait(pending)
         return await pending.future
 
     def _admit(self, delta: int) -> None:
         self._admitted += delta
         self._on_depth(self._admitted)
+
+    def _fail(self, batch: Sequence[_Pending[ItemT, ResultT]], error: BaseException) -> None:
+        for pending in batch:
+            if not pending.future.done():
+                pending.future.set_exception(error)
 
     async def _gather(self) -> list[_Pending[ItemT, ResultT]]:
         assert self._queue is not None
@@ -139,20 +168,25 @@ class MicroBatcher(Generic[ItemT, ResultT]):
         started = max(first.enqueued_at, self._free_at)
         give_up = started + self.config.max_wait_s
         newest = started
-        while len(batch) < self.config.max_batch_size:
-            if not self._queue.empty():
-                batch.append(self._queue.get_nowait())
+        try:
+            while len(batch) < self.config.max_batch_size:
+                if not self._queue.empty():
+                    batch.append(self._queue.get_nowait())
+                    newest = max(newest, batch[-1].enqueued_at)
+                    continue
+                # Quiet for window_s since the newest arrival (or the cap reached): send.
+                remaining = min(newest + self.config.window_s, give_up) - loop.time()
+                if remaining <= 0:
+                    break
+                try:
+                    batch.append(await asyncio.wait_for(self._queue.get(), remaining))
+                except TimeoutError:
+                    break
                 newest = max(newest, batch[-1].enqueued_at)
-                continue
-            # Quiet for window_s since the newest arrival (or the cap reached): send.
-            remaining = min(newest + self.config.window_s, give_up) - loop.time()
-            if remaining <= 0:
-                break
-            try:
-                batch.append(await asyncio.wait_for(self._queue.get(), remaining))
-            except TimeoutError:
-                break
-            newest = max(newest, batch[-1].enqueued_at)
+        except asyncio.CancelledError:  # stop(): the popped queries must not hang
+            self._fail(batch, NotReady("the service is shutting down"))
+            self._admit(-len(batch))
+            raise
         return batch
 
     async def _run(self) -> None:
@@ -173,15 +207,11 @@ class MicroBatcher(Generic[ItemT, ResultT]):
                         if not pending.future.done():
                             pending.future.set_result(result)
             except asyncio.CancelledError:
-                for pending in live:
-                    if not pending.future.done():
-                        pending.future.set_exception(NotReady("the service is shutting down"))
+                self._fail(live, NotReady("the service is shutting down"))
                 raise
             except Exception as exc:
                 logger.exception("%s batch of %d failed", self.name, len(live))
-                for pending in live:
-                    if not pending.future.done():
-                        pending.future.set_exception(exc)
+                self._fail(live, exc)
             finally:
                 self._free_at = loop.time()
                 self._admit(-len(batch))

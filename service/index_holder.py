@@ -75,6 +75,7 @@ class IndexHolder:
         self._served: _Served | None = None
         self._lease_lock = threading.Lock()  # guards lease counts and the reference
         self._reload_lock = threading.Lock()  # one reload at a time
+        self._closed = False
         self.problem: str | None = "no index loaded yet"
         self.refused: dict[str, list[str]] = {}
 
@@ -174,6 +175,8 @@ class IndexHolder:
         model, other dimension); the served version is then left as it was.
         """
         with self._reload_lock:
+            if self._closed:
+                raise IndexRejectedError(None, ["the service is shutting down"])
             previous = self.version
             try:
                 version = read_current(self.root)
@@ -204,7 +207,13 @@ class IndexHolder:
             return ReloadOutcome("reloaded", version, previous)
 
     def close(self) -> None:
-        """Close the served version (at shutdown, after requests have drained)."""
+        """Close the served version (at shutdown, after requests have drained).
+
+        Waits for a reload in progress, and refuses later ones, so none can swap a version in
+        after this. Blocking: run it in a thread.
+        """
+        with self._reload_lock:
+            self._closed = True
         with self._lease_lock:
             served, self._served = self._served, None
         if served is not None:

@@ -45,6 +45,9 @@ RAW_IMAGE_TYPES: tuple[str, ...] = (
     "image/bmp",
     "image/tiff",
 )
+# Uploads are shrunk to fit this square right after decoding (aspect ratio kept). ViLT's image
+# processor resizes to a 384-pixel short side and at most 640 pixels long side anyway.
+MAX_DECODED_SIDE = 1024
 _INTEGER = re.compile(r"^-?[0-9]{1,9}$")
 
 
@@ -170,12 +173,16 @@ def parse_k_field(value: str, max_k: int) -> int:
 
 
 def decode_upload(data: bytes, max_pixels: int) -> Image.Image:
-    """Decode uploaded bytes to an upright RGB image, or raise 400 / 413 / 415.
+    """Decode uploaded bytes to an upright RGB image of at most
+    :data:`MAX_DECODED_SIDE` pixels a side, or raise 400 / 413 / 415.
 
     Blocking (decodes pixels): call it from a worker thread.
     """
     try:
-        return open_image(data, max_pixels=max_pixels)
+        image = open_image(data, max_pixels=max_pixels)
+        # Shrunk at once, so a queued query holds ~3 MB rather than the full decode.
+        image.thumbnail((MAX_DECODED_SIDE, MAX_DECODED_SIDE))
+        return image
     except TooManyPixelsError as exc:
         raise PayloadTooLarge(str(exc), code=exc.reason) from exc
     except UnsupportedFormatError as exc:

@@ -114,8 +114,13 @@ def build_router(settings: Settings) -> APIRouter:
         upload = await read_image_upload(request)
         if upload.k_field is not None:
             k = parse_k_field(upload.k_field, config.max_k)
-        image = await asyncio.to_thread(decode_upload, upload.data, config.max_image_pixels)
-        neighbours = await batcher.submit(ImageQuery(image, k, index))
+
+        async def decode() -> ImageQuery:
+            image = await asyncio.to_thread(decode_upload, upload.data, config.max_image_pixels)
+            return ImageQuery(image, k, index)
+
+        # The queue place is taken before decoding: a full queue answers 503 without decoding.
+        neighbours = await batcher.submit_prepared(decode)
         results = [
             CaptionHit(
                 rank=rank,

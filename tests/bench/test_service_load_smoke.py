@@ -2,24 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-
-
-def load_bench(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO / "bench" / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+from tests.bench.helpers import load_bench
 
 
 @pytest.mark.slow
@@ -49,3 +37,17 @@ def test_service_load_help(capsys: pytest.CaptureFixture[str]) -> None:
         bench.main(["--help"])
     assert exited.value.code == 0
     assert "--smoke" in capsys.readouterr().out
+
+
+def test_service_load_publishes_under_the_build_lock(tiny_vilt_dir: Path, tmp_path: Path) -> None:
+    from indexer.errors import UsageError
+    from indexer.publish import BuildLock
+    from indexer.store import read_current
+
+    bench = load_bench("service_load")
+    root = tmp_path / "index-tiny-20"
+    with BuildLock(root), pytest.raises(UsageError, match="another build"):
+        bench.prepare_index(tiny_vilt_dir, 20, tmp_path, "tiny")
+    assert read_current(root) is None
+    assert bench.prepare_index(tiny_vilt_dir, 20, tmp_path, "tiny") == (root, 32)
+    assert read_current(root) is not None and not list(root.glob(".tmp-*"))

@@ -14,15 +14,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from indexer.publish import (
-    CaptionRow,
-    ImageRow,
-    base_manifest,
-    new_version_name,
-    publish_version,
-    stage_version,
-    write_manifest,
-)
+from indexer import publish
+from indexer.publish import CaptionRow, ImageRow
 
 
 def assert_error(response: Any, status: int, code: str | None = None) -> dict[str, Any]:
@@ -96,11 +89,8 @@ def publish_vectors(
     captions: Sequence[tuple[str, str, str | None]],
     caption_vectors: np.ndarray,
 ) -> str:
-    """Write and publish a flat-index version with the indexer's writer; returns its name."""
-    root.mkdir(parents=True, exist_ok=True)
-    version = new_version_name()
-    staging = root / f".tmp-{version}" / "version"
-    staging.mkdir(parents=True)
+    """Publish a flat-index version with :func:`indexer.publish.publish_vectors` (build lock,
+    staging, checksums, atomic switch); returns its name."""
     linked: dict[str, list[str]] = {}
     for _, text, image_id in captions:
         if image_id is not None:
@@ -113,21 +103,15 @@ def publish_vectors(
         CaptionRow(row, caption_id, text, image_id, image_id)
         for row, (caption_id, text, image_id) in enumerate(captions)
     ]
-    indexes = stage_version(
-        staging,
+    return publish.publish_vectors(
+        root,
+        fingerprint=fingerprint,
         image_rows=image_rows,
         image_vectors=np.ascontiguousarray(image_vectors, dtype=np.float32),
         caption_rows=caption_rows,
         caption_vectors=np.ascontiguousarray(caption_vectors, dtype=np.float32),
         index="flat",
     )
-    dim = int(image_vectors.shape[1])
-    write_manifest(
-        staging, base_manifest(version, fingerprint, dim, indexes, image_rows, caption_rows)
-    )
-    publish_version(root, staging, version)
-    staging.parent.rmdir()  # the emptied .tmp-<version>
-    return version
 
 
 def make_gallery(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -9,7 +11,8 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from indexer.store import StoreError, read_current
+from indexer.store import IndexVersion, StoreError, read_current
+from service.app import create_app
 from service.index_holder import IndexHolder, IndexRejectedError
 from tests.service.conftest import TOKEN, ServiceEnv
 from tests.service.helpers import assert_error, make_gallery
@@ -124,6 +127,49 @@ def test_polling_picks_up_new_versions_and_skips_refused_ones(
     time.sleep(0.8)  # several polls
     assert client.get("/readyz").json()["index_version"] == new.version
     assert 'vld_index_reloads_total{outcome="refused"} 1.0' in client.get("/metrics").text
+
+
+def test_shutdown_waits_for_a_reload_in_progress_and_serves_nothing_after(
+    tmp_path: Path, service_env: ServiceEnv, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The poller is cancelled mid-reload at shutdown: the reload thread runs on, but it must
+    not swap a version in after the holder was closed."""
+    entered, release = threading.Event(), threading.Event()
+    opened: list[IndexVersion] = []
+    original = IndexHolder._open_validated
+
+    def slow_open(holder: IndexHolder, version: str, *, verify: bool) -> IndexVersion:
+        if version != service_env.gallery.version:  # the polled one, not the start-up one
+            entered.set()
+            release.wait(10)
+        index = original(holder, version, verify=verify)
+        opened.append(index)
+        return index
+
+    monkeypatch.setattr(IndexHolder, "_open_validated", slow_open)
+    encoder = service_env.encoder
+    app = create_app(service_env.settings(poll_interval_s=0.1), load_encoder=lambda s: encoder)
+    state = app.state.service
+
+    async def scenario() -> None:
+        async with app.router.lifespan_context(app):
+            make_gallery(service_env.root, tmp_path / "new", encoder, prefix="new")
+            for _ in range(200):
+                if entered.is_set():
+                    break
+                await asyncio.sleep(0.05)
+            assert entered.is_set(), "the poller never started the reload"
+            threading.Timer(0.3, release.set).start()  # the reload finishes during shutdown
+
+    asyncio.run(scenario())
+    assert release.is_set()  # shutdown waited for the reload thread
+    assert state.holder.current is None
+    with pytest.raises(IndexRejectedError, match="shutting down"):
+        state.holder.reload()
+    assert len(opened) == 2  # at start-up and by the poller
+    for index in opened:  # nothing left open
+        with pytest.raises(StoreError, match="closed"):
+            index.image_records([0])
 
 
 def test_a_leased_version_stays_open_until_its_last_request_ends(

@@ -10,6 +10,8 @@ import pytest
 from PIL import Image
 
 from service.app import create_app
+from service.routes import search as search_routes
+from service.uploads import decode_upload
 from tests.service.conftest import ServiceEnv
 from tests.service.helpers import png_bytes
 
@@ -18,8 +20,19 @@ DELAY_S = 0.6
 
 @pytest.mark.parametrize(("modality", "queue_size", "extra"), [("text", 4, 3), ("image", 3, 2)])
 def test_queue_full_gives_exactly_k_immediate_503s(
-    service_env: ServiceEnv, modality: str, queue_size: int, extra: int
+    service_env: ServiceEnv,
+    monkeypatch: pytest.MonkeyPatch,
+    modality: str,
+    queue_size: int,
+    extra: int,
 ) -> None:
+    decoded: list[int] = []
+
+    def counting_decode(data: bytes, max_pixels: int) -> Image.Image:
+        decoded.append(len(data))
+        return decode_upload(data, max_pixels)
+
+    monkeypatch.setattr(search_routes, "decode_upload", counting_decode)
     settings = service_env.settings(
         queue_size=queue_size, encode_delay_s=DELAY_S, batch_window_ms=20, retry_after_s=3
     )
@@ -63,3 +76,5 @@ def test_queue_full_gives_exactly_k_immediate_503s(
             assert elapsed < DELAY_S / 2, elapsed  # refused at once, not after waiting
         else:
             assert elapsed >= DELAY_S  # these really waited for the slowed model
+    # A refused upload is never decoded: the queue place is taken before decoding.
+    assert len(decoded) == (queue_size if modality == "image" else 0)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 import pytest
 
@@ -270,6 +270,62 @@ def test_submit_before_start_and_after_stop_is_not_ready() -> None:
             await asyncio.wait_for(batcher.submit(2), timeout=2)
 
     run(scenario())
+
+
+def test_stop_while_gathering_fails_the_gathered_items() -> None:
+    """Items already taken off the queue by a batch still gathering (long window) get the
+    shutting-down error at stop, and leave the depth at 0; none hangs."""
+    recorder = Recorder()
+    depths: list[int] = []
+
+    async def scenario() -> list[object]:
+        batcher = MicroBatcher(
+            "t", recorder, config(window_s=5.0, max_wait_s=10.0), on_depth=depths.append
+        )
+        await batcher.start()
+        tasks = [asyncio.create_task(batcher.submit(i)) for i in range(3)]
+        await asyncio.sleep(0.05)  # all three gathered, the batch waits for a quiet gap
+        assert batcher.depth == 3
+        await batcher.stop()
+        return await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 2)
+
+    outcomes = run(scenario())
+    assert all(isinstance(o, NotReady) for o in outcomes), outcomes
+    assert recorder.batches == [] and depths[-1] == 0
+
+
+def test_a_prepared_submit_takes_its_place_before_preparing() -> None:
+    recorder = Recorder(delay_s=0.3)
+    prepared: list[int] = []
+
+    async def scenario() -> list[object]:
+        batcher = MicroBatcher("t", recorder, config(capacity=2, window_s=0.0, max_batch_size=1))
+        await batcher.start()
+
+        def preparing(i: int) -> Callable[[], Awaitable[int]]:
+            async def prepare() -> int:
+                prepared.append(i)
+                await asyncio.sleep(0.01)
+                if i == 1:
+                    raise ValueError("cannot prepare 1")
+                return i
+
+            return prepare
+
+        try:
+            outcomes = await asyncio.gather(
+                *(batcher.submit_prepared(preparing(i)) for i in range(4)), return_exceptions=True
+            )
+            assert batcher.depth == 0  # the failed preparation gave its place back
+            return [*outcomes, await batcher.submit_prepared(preparing(5))]
+        finally:
+            await batcher.stop()
+
+    outcomes = run(scenario())
+    assert outcomes[0] == 0 and isinstance(outcomes[1], ValueError)
+    assert all(isinstance(o, Overloaded) for o in outcomes[2:4])
+    assert outcomes[4] == 50
+    assert prepared == [0, 1, 5]  # the refused ones were never prepared
 
 
 def test_invalid_config_is_refused() -> None:

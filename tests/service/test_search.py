@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import pytest
@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from tests.service.conftest import ServiceEnv
-from tests.service.helpers import assert_error, jpeg_bytes, png_bytes
+from tests.service.helpers import FakeEncoder, assert_error, jpeg_bytes, png_bytes
 
 
 @pytest.fixture
@@ -306,6 +306,33 @@ def test_pixel_limit_is_a_setting(make_client: Callable[..., TestClient]) -> Non
     )
     response = client.post("/search/captions", content=large, headers={"content-type": "image/png"})
     assert_error(response, 413, "too_many_pixels")
+
+
+def test_a_large_upload_is_shrunk_before_it_is_queued(
+    make_client: Callable[..., TestClient],
+) -> None:
+    from service.uploads import MAX_DECODED_SIDE
+
+    class SizeRecorder(FakeEncoder):
+        def __init__(self) -> None:
+            super().__init__()
+            self.sizes: list[tuple[int, int]] = []
+
+        def encode_images(self, images: Sequence[Image.Image], batch_size: int = 32) -> np.ndarray:
+            self.sizes.extend(image.size for image in images)
+            return super().encode_images(images, batch_size)
+
+    encoder = SizeRecorder()
+    client = make_client(encoder=encoder)
+    large = Image.new("RGB", (2400, 1600), "red")
+    large.paste("blue", (0, 0, 1200, 800))
+    small = Image.new("RGB", (300, 200), "red")
+    for picture in (large, small):
+        response = client.post(
+            "/search/captions", content=png_bytes(picture), headers={"content-type": "image/png"}
+        )
+        assert response.status_code == 200, response.text
+    assert encoder.sizes[-2:] == [(MAX_DECODED_SIDE, 683), (300, 200)]  # aspect ratio kept
 
 
 def _chunks(total: int, size: int = 256 * 1024) -> Iterator[bytes]:

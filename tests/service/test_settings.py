@@ -6,8 +6,15 @@ from pathlib import Path
 
 import pytest
 
-from service.__main__ import main
-from service.settings import Settings, SettingsError, load_settings, require_serving_paths
+from service.__main__ import ENV_ONLY_SETTINGS, _parser, main
+from service.app import _batching_config
+from service.settings import (
+    Settings,
+    SettingsError,
+    env_name,
+    load_settings,
+    require_serving_paths,
+)
 
 
 def test_defaults() -> None:
@@ -56,12 +63,62 @@ def test_invalid_values_name_their_variable(
         load_settings()
 
 
-def test_settings_checked_together_name_both_variables() -> None:
-    with pytest.raises(
-        SettingsError,
-        match=r"VLD_BATCH_MAX_WAIT_MS=5\.0 must be at least VLD_BATCH_WINDOW_MS=10\.0",
-    ):
-        load_settings(batch_window_ms=10, batch_max_wait_ms=5)
+def test_a_batch_window_over_the_default_max_wait_is_accepted() -> None:
+    """`--batch-window-ms 100` alone must start: the batcher waits at least the window."""
+    settings = load_settings(**vars(_parser().parse_args(["--batch-window-ms", "100"])))
+    assert settings.batch_window_ms == 100 and settings.batch_max_wait_ms == 50
+    config = _batching_config(settings)
+    assert config.window_s == pytest.approx(0.1) and config.max_wait_s == pytest.approx(0.1)
+    wider = load_settings(batch_window_ms=100, batch_max_wait_ms=300)
+    assert _batching_config(wider).max_wait_s == pytest.approx(0.3)
+
+
+def test_every_operator_setting_has_a_cli_option_naming_its_variable() -> None:
+    parser = _parser()
+    actions = {action.dest: action for action in parser._actions}
+    assert {"reload_token", "encode_delay_s"} == ENV_ONLY_SETTINGS  # a secret, a test hook
+    for field in set(Settings.model_fields) - ENV_ONLY_SETTINGS:
+        assert field in actions, f"no option for {field}"
+        flag = "--" + field.replace("_", "-")
+        assert flag in actions[field].option_strings
+        assert env_name(field) in (actions[field].help or "") and "default" in (
+            actions[field].help or ""
+        )
+    assert not set(actions) & ENV_ONLY_SETTINGS
+    assert "VLD_RELOAD_TOKEN" in parser.format_help() and "--reload-token" not in (
+        parser.format_help()
+    )
+
+
+def test_cli_options_reach_the_settings(tmp_path: Path) -> None:
+    values: dict[str, tuple[str, object]] = {
+        "model_dir": (str(tmp_path), tmp_path),
+        "index_root": (str(tmp_path), tmp_path),
+        "teacher_dir": (str(tmp_path), tmp_path),
+        "device": ("cpu", "cpu"),
+        "torch_threads": ("3", 3),
+        "host": ("0.0.0.0", "0.0.0.0"),
+        "port": ("9002", 9002),
+        "max_upload_bytes": ("1234", 1234),
+        "max_image_pixels": ("5678", 5678),
+        "max_k": ("7", 7),
+        "max_text_chars": ("99", 99),
+        "queue_size": ("5", 5),
+        "batch_window_ms": ("8", 8.0),
+        "batch_max_wait_ms": ("9", 9.0),
+        "max_batch_size": ("4", 4),
+        "retry_after_s": ("6", 6),
+        "poll_interval_s": ("0.5", 0.5),
+        "log_level": ("debug", "debug"),
+    }
+    argv = [
+        arg for field, (text, _) in values.items() for arg in (f"--{field.replace('_', '-')}", text)
+    ]
+    settings = load_settings(**vars(_parser().parse_args([*argv, "--no-verify-on-start"])))
+    for field, (_, expected) in values.items():
+        assert getattr(settings, field) == expected, field
+    assert settings.verify_on_start is False
+    assert load_settings(**vars(_parser().parse_args([]))).verify_on_start is True
 
 
 def test_a_rejected_token_is_not_echoed(monkeypatch: pytest.MonkeyPatch) -> None:
