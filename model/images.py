@@ -64,13 +64,17 @@ def sniff_unsupported(head: bytes) -> str | None:
 
 
 def open_image(
-    source: bytes | str | Path | BinaryIO, max_pixels: int = DEFAULT_MAX_PIXELS
+    source: bytes | str | Path | BinaryIO,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_side: int | None = None,
 ) -> Image.Image:
     """Decode ``source`` into a fully loaded RGB image, upright per its EXIF orientation.
 
     Raises a subclass of :class:`ImageError` naming the problem: not an image, corrupt or
     truncated, a format outside :data:`ALLOWED_FORMATS`, or more than ``max_pixels`` pixels
     (checked from the header, before any pixel is decoded). Animated GIFs give their first frame.
+    ``max_side`` lets a JPEG decode at a reduced scale (DCT scaling, at least that many pixels a
+    side), so a large photo never exists in memory at full size; other formats are unaffected.
     """
     if isinstance(source, bytes):
         stream: BinaryIO = io.BytesIO(source)
@@ -108,6 +112,8 @@ def open_image(
                 )
             try:
                 image.seek(0)  # first frame of animations
+                if max_side is not None and image.format in ("JPEG", "MPO"):
+                    image.draft("RGB", (max_side, max_side))
                 image.load()
                 image = ImageOps.exif_transpose(image) or image
                 return to_rgb(image)

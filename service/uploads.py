@@ -179,7 +179,7 @@ def decode_upload(data: bytes, max_pixels: int) -> Image.Image:
     Blocking (decodes pixels): call it from a worker thread.
     """
     try:
-        image = open_image(data, max_pixels=max_pixels)
+        image = open_image(data, max_pixels=max_pixels, max_side=MAX_DECODED_SIDE)
         # Shrunk at once, so a queued query holds ~3 MB rather than the full decode.
         image.thumbnail((MAX_DECODED_SIDE, MAX_DECODED_SIDE))
         return image

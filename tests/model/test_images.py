@@ -111,3 +111,10 @@ def test_collate_pads_bottom_right_and_masks() -> None:
     assert pixel_values.shape == (2, 3, 4, 3) and pixel_mask.shape == (2, 4, 3)
     assert pixel_mask[0].sum() == 6 and pixel_mask[1].sum() == 8
     assert float(pixel_values[0, :, 2:, :].abs().sum()) == 0.0
+
+
+def test_large_jpeg_decodes_at_reduced_scale_when_asked() -> None:
+    photo = _encode(Image.new("RGB", (4000, 3000), (10, 120, 200)), "JPEG")
+    reduced = open_image(photo, max_side=1024)
+    assert min(reduced.size) >= 1024 and max(reduced.size) < 4000  # DCT-scaled, not full size
+    assert open_image(photo).size == (4000, 3000)
