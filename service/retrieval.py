@@ -20,6 +20,7 @@ from service.errors import ModalityMissing
 from service.metrics import ServiceMetrics
 
 RecordT = TypeVar("RecordT", ImageRecord, CaptionRecord)
+QueryT = TypeVar("QueryT", "TextQuery", "ImageQuery")
 
 
 class Encoder(Protocol):
@@ -81,61 +82,70 @@ def _search_groups(
     return [neighbours for neighbours in out if neighbours is not None]
 
 
-class TextSearch:
-    """Batch processor: texts → text vectors → nearest gallery images."""
+class _BatchSearch(Generic[QueryT, RecordT]):
+    """Batch processor: encode a batch of queries in one forward pass, then search each query
+    in the index version it leased. Subclasses name the modality and the target index."""
+
+    modality: str  # metrics label: "text" or "image"
+    target: str  # what the searched index holds, for the error message
 
     def __init__(self, encoder: Encoder, metrics: ServiceMetrics, *, delay_s: float = 0.0) -> None:
         self.encoder = encoder
         self.metrics = metrics
         self.delay_s = delay_s
 
-    def __call__(self, queries: Sequence[TextQuery]) -> list[Neighbours[ImageRecord]]:
-        self.metrics.batch_size.labels("text").observe(len(queries))
+    def encode(self, queries: Sequence[QueryT]) -> np.ndarray:
+        raise NotImplementedError
+
+    def search(self, index: IndexVersion, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        raise NotImplementedError
+
+    def records(self, index: IndexVersion, rows: list[int]) -> list[RecordT]:
+        raise NotImplementedError
+
+    def __call__(self, queries: Sequence[QueryT]) -> list[Neighbours[RecordT]]:
+        self.metrics.batch_size.labels(self.modality).observe(len(queries))
         started = time.perf_counter()
         if self.delay_s:
             time.sleep(self.delay_s)
-        xq = self.encoder.encode_text([q.text for q in queries], batch_size=len(queries))
-        self.metrics.encode_seconds.labels("text").observe(time.perf_counter() - started)
+        xq = self.encode(queries)
+        self.metrics.encode_seconds.labels(self.modality).observe(time.perf_counter() - started)
         started = time.perf_counter()
         try:
             return _search_groups(
-                xq,
-                [q.k for q in queries],
-                [q.index for q in queries],
-                lambda index, x, k: index.search_images(x, k),
-                lambda index, rows: index.image_records(rows),
+                xq, [q.k for q in queries], [q.index for q in queries], self.search, self.records
             )
         except ModalityMissingError as exc:
-            raise ModalityMissing(f"the served index has no image vectors: {exc}") from exc
+            raise ModalityMissing(f"the served index has no {self.target} vectors: {exc}") from exc
         finally:
-            self.metrics.search_seconds.labels("text").observe(time.perf_counter() - started)
+            self.metrics.search_seconds.labels(self.modality).observe(time.perf_counter() - started)
 
 
-class ImageSearch:
-    """Batch processor: decoded images → image vectors → nearest gallery captions."""
+class TextSearch(_BatchSearch[TextQuery, ImageRecord]):
+    """Texts → text vectors → nearest gallery images."""
 
-    def __init__(self, encoder: Encoder, metrics: ServiceMetrics, *, delay_s: float = 0.0) -> None:
-        self.encoder = encoder
-        self.metrics = metrics
-        self.delay_s = delay_s
+    modality, target = "text", "image"
 
-    def __call__(self, queries: Sequence[ImageQuery]) -> list[Neighbours[CaptionRecord]]:
-        self.metrics.batch_size.labels("image").observe(len(queries))
-        started = time.perf_counter()
-        if self.delay_s:
-            time.sleep(self.delay_s)
-        xq = self.encoder.encode_images([q.image for q in queries], batch_size=len(queries))
-        self.metrics.encode_seconds.labels("image").observe(time.perf_counter() - started)
-        started = time.perf_counter()
-        try:
-            return _search_groups(
-                xq,
-                [q.k for q in queries],
-                [q.index for q in queries],
-                lambda index, x, k: index.search_captions(x, k),
-                lambda index, rows: index.caption_records(rows),
-            )
-        except ModalityMissingError as exc:
-            raise ModalityMissing(f"the served index has no caption vectors: {exc}") from exc
-        finally:
-            self.metrics.search_seconds.labels("image").observe(time.perf_counter() - started)
+    def encode(self, queries: Sequence[TextQuery]) -> np.ndarray:
+        return self.encoder.encode_text([q.text for q in queries], batch_size=len(queries))
+
+    def search(self, index: IndexVersion, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        return index.search_images(xq, k)
+
+    def records(self, index: IndexVersion, rows: list[int]) -> list[ImageRecord]:
+        return index.image_records(rows)
+
+
+class ImageSearch(_BatchSearch[ImageQuery, CaptionRecord]):
+    """Decoded images → image vectors → nearest gallery captions."""
+
+    modality, target = "image", "caption"
+
+    def encode(self, queries: Sequence[ImageQuery]) -> np.ndarray:
+        return self.encoder.encode_images([q.image for q in queries], batch_size=len(queries))
+
+    def search(self, index: IndexVersion, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        return index.search_captions(xq, k)
+
+    def records(self, index: IndexVersion, rows: list[int]) -> list[CaptionRecord]:
+        return index.caption_records(rows)
