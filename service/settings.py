@@ -145,9 +145,6 @@ def load_settings(**overrides: Any) -> Settings:
     except ValidationError as exc:
         problems = []
         for error in exc.errors():
-            if not error["loc"]:  # a check across settings: its message names them
-                problems.append(str(error["msg"]).removeprefix("Value error, "))
-                continue
             field = str(error["loc"][0])
             shown = "***" if field == "reload_token" else repr(error.get("input"))
             problems.append(f"{env_name(field)}={shown}: {error['msg']}")
