@@ -18,12 +18,14 @@ from model.synthetic import COLOURS, SHAPES, SIZES, SYNONYMS, Scene, attribute_w
 SPATIAL_WORDS: tuple[str, ...] = ("left", "right", "above", "below", "top", "bottom", "middle")
 # The words both sides are counted over; function words ("a", "of", "is") carry nothing.
 ATTRIBUTE_VOCABULARY: list[str] = sorted({*COLOURS, *SHAPES, *SIZES, *SPATIAL_WORDS})
+_SINGULAR = {f"{shape}s": shape for shape in SHAPES}
 _COLUMN = {word: column for column, word in enumerate(ATTRIBUTE_VOCABULARY)}
 
 
 def caption_words(caption: str) -> list[str]:
     """The attribute words of a caption, in order, synonyms mapped (``"big"`` -> ``"large"``)."""
-    words = (SYNONYMS.get(word, word) for word in caption.lower().split())
+    words = (_SINGULAR.get(word, word) for word in caption.lower().split())
+    words = (SYNONYMS.get(word, word) for word in words)
     return [word for word in words if word in _COLUMN]
 
 

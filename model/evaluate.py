@@ -76,6 +76,8 @@ class ModeResult:
     seconds: float
     n_queries: int
     pairs_scored: int
+    # Text→image scores (n_captions, n_images) of each fold, when evaluate(keep_scores=True).
+    t2i_scores: list[np.ndarray] | None = field(default=None, repr=False, compare=False)
 
     @property
     def ms_per_query(self) -> float:
@@ -99,6 +101,7 @@ class EvaluationReport:
         data = dataclasses.asdict(self)
         for mode, result in self.results.items():
             data["results"][mode]["ms_per_query"] = result.ms_per_query
+            data["results"][mode].pop("t2i_scores", None)
         return data
 
 
@@ -130,6 +133,7 @@ def evaluate(
     rerank_k: int = 16,
     batch_size: int = 64,
     progress: bool = False,
+    keep_scores: bool = False,
 ) -> EvaluationReport:
     """Evaluate retrieval on a gallery in the given modes.
 
@@ -145,6 +149,8 @@ def evaluate(
         rerank_k: candidates per query re-scored in ``hybrid`` mode.
         batch_size: images, captions or pairs per forward pass.
         progress: show progress bars.
+        keep_scores: keep each mode's text→image score matrices (``ModeResult.t2i_scores``),
+            e.g. to score subsets of the queries.
 
     Returns:
         An :class:`EvaluationReport`: per mode the fold-mean recalls, model wall time
@@ -189,6 +195,7 @@ def evaluate(
             rerank_k,
             batch_size,
             progress,
+            keep_scores,
         )
     return EvaluationReport(
         protocol=protocol,
@@ -227,6 +234,7 @@ def _run_modes(
     rerank_k: int,
     batch_size: int,
     progress: bool,
+    keep_scores: bool = False,
 ) -> dict[str, ModeResult]:
     evaluated = np.concatenate(folds)
     results: dict[str, ModeResult] = {}
@@ -258,6 +266,7 @@ def _run_modes(
 
     for mode in modes:
         per_fold: list[dict[str, float]] = []
+        t2i_scores: list[np.ndarray] = []
         pairs = 0
         queries = 0
         clock = Stopwatch(gallery)
@@ -266,6 +275,7 @@ def _run_modes(
             queries += fold.size + fold_text.size
             if mode == "decomposed":
                 per_fold.append(retrieval_metrics(decomposed_sims[index], mapping))
+                t2i_scores.append(decomposed_sims[index].T)
             elif mode == "early":
                 assert teacher is not None
                 with clock:
@@ -274,6 +284,7 @@ def _run_modes(
                     )
                 pairs += sim.size
                 per_fold.append(retrieval_metrics(sim, mapping))
+                t2i_scores.append(sim.T)
             else:
                 assert teacher is not None
                 with clock:
@@ -289,6 +300,7 @@ def _run_modes(
                     )
                 pairs += scored
                 per_fold.append(retrieval_metrics(sim_i2t, mapping, sim_t2i=sim_t2i))
+                t2i_scores.append(sim_t2i)
         seconds = clock.seconds + (decomposed_clock.seconds if mode != "early" else 0.0)
         results[mode] = ModeResult(
             mode=mode,
@@ -297,6 +309,7 @@ def _run_modes(
             seconds=seconds,
             n_queries=queries,
             pairs_scored=pairs,
+            t2i_scores=t2i_scores if keep_scores else None,
         )
         logger.info("%s: rsum %.2f in %.2f s", mode, results[mode].metrics["rsum"], seconds)
     return results

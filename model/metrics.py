@@ -193,3 +193,35 @@ def remap_to_fold(caption_to_image: np.ndarray, image_indices: np.ndarray) -> np
     if (remapped < 0).any():
         raise ValueError("caption_to_image holds images outside the fold")
     return remapped
+
+
+def ranking_metrics(scores: np.ndarray, relevant: np.ndarray, k: int = 10) -> dict[str, float]:
+    """Precision@k and nDCG@k (binary relevance) of each query's top ``k``, averaged.
+
+    ``scores`` ``(n_queries, n_items)``; ``relevant`` bool, same shape. Ties are broken
+    against the query, as everywhere here: among equal scores, non-relevant items come first.
+    nDCG's ideal ranking puts ``min(k, relevant items)`` relevant items first; a query with no
+    relevant item is skipped (it has no ideal).
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    relevant = np.asarray(relevant, dtype=bool)
+    if scores.shape != relevant.shape or scores.ndim != 2:
+        raise ValueError(f"scores {scores.shape} and relevant {relevant.shape} must match (2-D)")
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    keep = relevant.any(axis=1)
+    scores, relevant = scores[keep], relevant[keep]
+    if not len(scores):
+        return {f"p@{k}": float("nan"), f"ndcg@{k}": float("nan"), "queries": 0}
+    name, k = k, min(k, scores.shape[1])  # a gallery smaller than k: its whole length
+    # Sort by score descending, then relevant last among ties (pessimistic).
+    order = np.lexsort((relevant, -scores), axis=1)[:, :k]
+    hits = np.take_along_axis(relevant, order, axis=1).astype(np.float64)  # (q, k)
+    discount = 1.0 / np.log2(np.arange(2, k + 2))
+    dcg = hits @ discount
+    ideal = np.array([discount[: min(k, int(n))].sum() for n in relevant.sum(axis=1)])
+    return {
+        f"p@{name}": float(hits.sum(axis=1).mean() / name),
+        f"ndcg@{name}": float((dcg / ideal).mean()),
+        "queries": len(scores),
+    }

@@ -46,16 +46,19 @@ logger = logging.getLogger(__name__)
 
 SETTINGS_FILE = "vldeformer.json"
 FORMAT_VERSION = 1
+POOLINGS: tuple[str, ...] = ("cls", "mean")
 
 
 @dataclass(frozen=True)
 class DecomposeSettings:
     """How the decomposed encoders read their input; saved as ``vldeformer.json``."""
 
-    # Pooling: the first token ([CLS] for text, ViLT's image [CLS] for images) after the
-    # final LayerNorm, through ViLT's own pretrained pooler (dense + tanh). No new
+    # Pooling. "cls": the first token ([CLS] for text, ViLT's image [CLS] for images) after
+    # the final LayerNorm, through ViLT's own pretrained pooler (dense + tanh). No new
     # projection head: the pooler was trained on image-text matching, so it is the best
     # starting point, and every weight of the decomposed model is a ViLT weight.
+    # "mean": the paper's released code — the mean over every (unmasked) position after the
+    # final LayerNorm, then tanh; the pooler's dense layer is not used.
     pooling: str = "cls"
     # Contrastive temperature used in training (the paper's code uses 0.005).
     temperature: float = 0.005
@@ -64,6 +67,10 @@ class DecomposeSettings:
     # Patches sampled per image while training (ViLT pretraining samples 200); -1 = all.
     # Inference always uses every patch.
     train_max_image_patches: int = -1
+
+    def __post_init__(self) -> None:
+        if self.pooling not in POOLINGS:
+            raise CheckpointError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -236,6 +243,10 @@ class VLDeformer(nn.Module):
         bias = _extended_mask(mask, hidden_states.dtype)  # (B, 1, 1, T)
         hidden_states = self.vilt.encoder(hidden_states, attention_mask=bias).last_hidden_state
         hidden_states = self.vilt.layernorm(hidden_states)  # (B, T, D)
+        if self.settings.pooling == "mean":
+            weights = mask.to(hidden_states.dtype)[:, :, None]  # (B, T, 1)
+            mean = (hidden_states * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+            return F.normalize(torch.tanh(mean).float(), dim=-1)
         assert self.vilt.pooler is not None  # checked in __init__
         pooled = self.vilt.pooler(hidden_states)  # (B, D): first token → dense → tanh
         return F.normalize(pooled.float(), dim=-1)

@@ -2,10 +2,15 @@
 
 Each image shows one to three flat shapes (colour, shape, size, position) on white; each of
 its captions binds every colour to its shape and states the spatial relation. A share of the
-two-object scenes come in *twin groups* of four images whose captions use exactly the same
-words: the base scene, its colour-swapped twin (which colour goes with which shape), its
-mirrored twin (the relation reversed) and both at once. Only a model that binds attributes and
-reads word order tells twins apart; :mod:`model.bow` scores a matcher that cannot.
+two- and three-object scenes come in *twin groups* of four images whose captions use exactly
+the same words: the base scene, its colour-permuted twin (which colour goes with which shape),
+its mirrored twin (the relation reversed) and both at once. Only a model that binds attributes
+and reads word order tells twins apart; :mod:`model.bow` scores a matcher that cannot.
+
+Training images also get short *partial* captions, the way people search ("a red circle",
+"two shapes", "a circle to the left of a square"; :mod:`model.queries`), each stored with the
+query it words so that its truth against any scene is known. Val and test keep five full
+captions per image: the retrieval protocol is unchanged in form.
 
 :func:`write_dataset` writes PNGs and a Karpathy-style ``dataset.json`` (train / val / test;
 the default test split is the COCO-1K protocol, 1,000 images x 5 captions), so the ordinary
@@ -38,33 +43,27 @@ from typing import Any
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+from model import queries
+from model.scenes import (
+    BACKGROUND,
+    COLOURS,
+    POSITIONS,
+    RELATIONS,
+    SHAPES,
+    SIZES,
+    Scene,
+    SceneObject,
+)
+
 logger = logging.getLogger(__name__)
 
-GENERATOR_VERSION = 1  # bump whenever the output for a given config changes
+GENERATOR_VERSION = 2  # bump whenever the output for a given config changes
 SPLITS = ("train", "val", "test")
 IMAGES_DIRNAME = "images"
 DATASET_FILENAME = "dataset.json"
 CAPTIONS_FILENAME = "captions.jsonl"
 GALLERY_FILENAME = "gallery.jsonl"  # the test images: the demo gallery, as an indexer manifest
 
-# Far apart in hue or lightness, and none close to the white background.
-COLOURS: dict[str, tuple[int, int, int]] = {
-    "red": (220, 30, 30),
-    "orange": (255, 140, 0),
-    "yellow": (235, 205, 0),
-    "green": (30, 160, 60),
-    "blue": (30, 80, 230),
-    "purple": (130, 50, 180),
-    "pink": (255, 120, 200),
-    "black": (20, 20, 20),
-}
-BACKGROUND = (255, 255, 255)
-SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "diamond")
-# Half the side of an object's bounding box, as a fraction of the image side: three large
-# objects still fit in a row.
-SIZES: dict[str, float] = {"small": 0.09, "large": 0.15}
-RELATIONS: tuple[str, ...] = ("left of", "above")  # objects[i] <relation> objects[i + 1]
-POSITIONS: tuple[str, ...] = ("left", "right", "top", "bottom", "middle")  # of a lone object
 # Caption words that mean a scene-spec word (the bag-of-words baseline maps them back).
 SYNONYMS: dict[str, str] = {
     "little": "small",
@@ -165,76 +164,15 @@ def _vocabulary() -> list[str]:
         phrases += [axis.start, axis.end, axis.first_side, axis.last_side]
     for templates in _TEMPLATES.values():
         phrases += [re.sub(r"\{\w+\}", " ", template) for template in templates]
+    # Short queries (model.queries): their phrasings, nouns, plurals and count words.
+    for phrasings in (*queries.TRAINED.values(), *queries.HELD_OUT.values()):
+        phrases += [re.sub(r"\{\w+\}", " ", template) for template in phrasings]
+    phrases += queries.query_words()
     return sorted({word for phrase in phrases for word in phrase.split()})
 
 
 # Every word a caption can contain (lower case, no punctuation): the demo tokenizer's words.
 VOCABULARY: list[str] = _vocabulary()
-
-
-@dataclass(frozen=True)
-class SceneObject:
-    """One shape; ``x``, ``y`` are its centre as fractions of the image side (0 = left/top)."""
-
-    shape: str
-    colour: str
-    size: str
-    x: float
-    y: float
-
-    def __post_init__(self) -> None:
-        for name, value, allowed in (
-            ("shape", self.shape, SHAPES),
-            ("colour", self.colour, tuple(COLOURS)),
-            ("size", self.size, tuple(SIZES)),
-        ):
-            if value not in allowed:
-                raise ValueError(f"SceneObject {name} must be one of {allowed}, got {value!r}")
-        if not (0.0 <= self.x <= 1.0 and 0.0 <= self.y <= 1.0):
-            raise ValueError(f"SceneObject centre must lie in [0, 1]^2, got ({self.x}, {self.y})")
-
-
-@dataclass(frozen=True)
-class Scene:
-    """What one image shows.
-
-    With two or three objects, ``objects`` are in reading order along ``relation``: for
-    ``"left of"`` left to right, for ``"above"`` top to bottom, and ``position`` is None. A
-    lone object has ``relation`` None and a ``position`` from :data:`POSITIONS`.
-    """
-
-    objects: tuple[SceneObject, ...]
-    relation: str | None = None
-    position: str | None = None
-
-    def __post_init__(self) -> None:
-        if not 1 <= len(self.objects) <= 3:
-            raise ValueError(f"a Scene has 1 to 3 objects, got {len(self.objects)}")
-        if len(self.objects) == 1:
-            if self.relation is not None or self.position not in POSITIONS:
-                raise ValueError(
-                    f"a one-object Scene needs relation None and position in {POSITIONS}, "
-                    f"got relation={self.relation!r}, position={self.position!r}"
-                )
-        elif self.relation not in RELATIONS or self.position is not None:
-            raise ValueError(
-                f"a Scene of {len(self.objects)} objects needs relation in {RELATIONS} and "
-                f"position None, got relation={self.relation!r}, position={self.position!r}"
-            )
-        else:
-            along = [obj.x if self.relation == "left of" else obj.y for obj in self.objects]
-            if along != sorted(along):
-                raise ValueError(
-                    f"objects must be in reading order along {self.relation!r}, got centres {along}"
-                )
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, record: dict[str, Any]) -> Scene:
-        objects = tuple(SceneObject(**fields) for fields in record["objects"])
-        return cls(objects, record.get("relation"), record.get("position"))
 
 
 @dataclass(frozen=True)
@@ -248,6 +186,8 @@ class Example:
     scene: Scene
     captions: tuple[str, ...]
     twin_of: tuple[int, ...] = ()
+    # Training images only: short partial captions and the query each one words.
+    partial: tuple[tuple[str, queries.Query], ...] = ()
 
     @property
     def filename(self) -> str:
@@ -269,10 +209,22 @@ class SyntheticConfig:
     n_val: int = 500
     n_test: int = 1_000  # the COCO-1K / Flickr-1K protocol
     captions_per_image: int = 5
-    hard_fraction: float = 0.4  # share of each split's images that belong to a twin group
+    hard_fraction: float = 0.5  # share of each split's images that belong to a twin group
+    # Extra captions per *training* image, each a short partial description ("a red circle",
+    # "two shapes", "a circle left of a square": model.queries, trained phrasings only).
+    # Val and test keep exactly ``captions_per_image`` full captions: the retrieval protocol.
+    partial_captions: int = 3
 
     def __post_init__(self) -> None:
-        for name in ("seed", "image_size", "n_train", "n_val", "n_test", "captions_per_image"):
+        for name in (
+            "seed",
+            "image_size",
+            "n_train",
+            "n_val",
+            "n_test",
+            "captions_per_image",
+            "partial_captions",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
@@ -410,15 +362,19 @@ def _mirror(scene: Scene) -> Scene:
 
 
 def _draw_twin_group(rng: random.Random) -> list[Scene]:
-    """A two-object scene with different colours and shapes, its colour swap, its mirror
-    image and the mirrored colour swap: four scenes whose captions share every word."""
-    shapes, colours = rng.sample(SHAPES, 2), rng.sample(list(COLOURS), 2)
-    sizes = [rng.choice(list(SIZES)) for _ in range(2)]
+    """A two- or three-object scene with all colours and shapes different, its colour
+    permutation (each colour moves to the next object), its mirror image and the mirrored
+    permutation: four scenes whose captions share every word."""
+    n = rng.choice((2, 2, 3))
+    shapes, colours = rng.sample(SHAPES, n), rng.sample(list(COLOURS), n)
+    sizes = [rng.choice(list(SIZES)) for _ in range(n)]
     base = _place_row(rng, list(zip(shapes, colours, sizes, strict=True)), rng.choice(RELATIONS))
-    first, second = base.objects
+    rotated = colours[1:] + colours[:1]
     swapped = replace(
         base,
-        objects=(replace(first, colour=second.colour), replace(second, colour=first.colour)),
+        objects=tuple(
+            replace(obj, colour=colour) for obj, colour in zip(base.objects, rotated, strict=True)
+        ),
     )
     return [base, swapped, _mirror(base), _mirror(swapped)]
 
@@ -431,7 +387,7 @@ def _scene_key(scene: Scene) -> tuple[Any, ...]:
 
 def _generate_split(
     split: str, count: int, config: SyntheticConfig
-) -> list[tuple[Scene, list[str]]]:
+) -> list[tuple[Scene, list[str], list[tuple[str, queries.Query]]]]:
     # One stream per split, seeded by the split's name: splits do not depend on each other.
     rng = random.Random(f"vldeformer-synthetic/{config.seed}/{split}")
     # In val and test every scene says something different, so each caption has exactly one
@@ -462,7 +418,16 @@ def _generate_split(
     while len(scenes) < count:
         accept([_draw_scene(rng, rng.choices((1, 2, 3), _OBJECT_COUNT_WEIGHTS)[0])])
     rng.shuffle(scenes)
-    return [(scene, describe(scene, rng, config.captions_per_image)) for scene in scenes]
+    drawn = []
+    for scene in scenes:
+        captions = describe(scene, rng, config.captions_per_image)
+        partial: list[tuple[str, queries.Query]] = []
+        if split == "train":
+            for _ in range(config.partial_captions):
+                query = queries.sample_query(scene, rng)
+                partial.append((queries.phrase(query, rng), query))
+        drawn.append((scene, captions, partial))
+    return drawn
 
 
 def generate(config: SyntheticConfig) -> list[Example]:
@@ -471,16 +436,18 @@ def generate(config: SyntheticConfig) -> list[Example]:
     for split, count in config.split_sizes().items():
         drawn = _generate_split(split, count, config)
         by_words: dict[tuple[str, ...], list[int]] = defaultdict(list)
-        for index, (scene, _) in enumerate(drawn):
+        for index, (scene, _, _) in enumerate(drawn):
             by_words[tuple(attribute_words(scene))].append(index)
         offset = len(examples)
-        for index, (scene, captions) in enumerate(drawn):
+        for index, (scene, captions, partial) in enumerate(drawn):
             twins = tuple(
                 offset + other
                 for other in by_words[tuple(attribute_words(scene))]
                 if _scene_key(drawn[other][0]) != _scene_key(scene)
             )
-            examples.append(Example(offset + index, split, index, scene, tuple(captions), twins))
+            examples.append(
+                Example(offset + index, split, index, scene, tuple(captions), twins, tuple(partial))
+            )
     return examples
 
 
@@ -495,13 +462,18 @@ def _write_atomic(path: Path, lines: Iterable[str]) -> None:
         partial.unlink(missing_ok=True)
 
 
-def _sentids(example: Example, config: SyntheticConfig) -> list[int]:
-    first = example.imgid * config.captions_per_image
-    return list(range(first, first + len(example.captions)))
+def _sentids(examples: list[Example]) -> dict[int, list[int]]:
+    """Caption ids per ``imgid``: consecutive over the dataset, full captions before partial."""
+    ids: dict[int, list[int]] = {}
+    first = 0
+    for example in examples:
+        count = len(example.captions) + len(example.partial)
+        ids[example.imgid] = list(range(first, first + count))
+        first += count
+    return ids
 
 
-def _dataset_record(example: Example, config: SyntheticConfig) -> dict[str, Any]:
-    sentids = _sentids(example, config)
+def _dataset_record(example: Example, sentids: list[int]) -> dict[str, Any]:
     return {
         "filepath": IMAGES_DIRNAME,
         "filename": example.filename,
@@ -510,7 +482,19 @@ def _dataset_record(example: Example, config: SyntheticConfig) -> dict[str, Any]
         "sentids": sentids,
         "sentences": [
             {"raw": raw, "tokens": raw.split(), "imgid": example.imgid, "sentid": sentid}
-            for raw, sentid in zip(example.captions, sentids, strict=True)
+            for raw, sentid in zip(example.captions, sentids, strict=False)
+        ]
+        + [
+            {
+                "raw": raw,
+                "tokens": raw.split(),
+                "imgid": example.imgid,
+                "sentid": sentid,
+                "query": query.to_dict(),
+            }
+            for (raw, query), sentid in zip(
+                example.partial, sentids[len(example.captions) :], strict=True
+            )
         ],
         "scene": example.scene.to_dict(),
         "twin_of": list(example.twin_of),
@@ -577,13 +561,14 @@ def write_dataset(out_dir: str | Path, config: SyntheticConfig, *, force: bool =
     for example in tqdm(examples, desc="drawing scenes", unit="image", disable=None):
         image = render(example.scene, config.image_size)
         image.save(images_dir / example.filename, format="PNG", optimize=False)
+    sentids = _sentids(examples)
     _write_atomic(
         out_dir / CAPTIONS_FILENAME,
         (
             json.dumps({"id": str(sentid), "caption": raw, "image": ex.filename}) + "\n"
             for ex in examples
             if ex.split == "test"
-            for sentid, raw in zip(_sentids(ex, config), ex.captions, strict=True)
+            for sentid, raw in zip(sentids[ex.imgid], ex.captions, strict=False)
         ),
     )
     _write_atomic(
@@ -601,7 +586,9 @@ def write_dataset(out_dir: str | Path, config: SyntheticConfig, *, force: bool =
         "generator_version": GENERATOR_VERSION,
         "config": asdict(config),
     }
-    records = [json.dumps(_dataset_record(ex, config), separators=(",", ":")) for ex in examples]
+    records = [
+        json.dumps(_dataset_record(ex, sentids[ex.imgid]), separators=(",", ":")) for ex in examples
+    ]
     first_line = json.dumps(header, separators=(",", ":"))[:-1] + ',"images":[\n'
     _write_atomic(dataset_path, [first_line, ",\n".join(records), "\n]}\n"])
     logger.info("wrote %d images to %s", len(examples), out_dir)
@@ -620,13 +607,42 @@ def read_examples(dataset_json: str | Path) -> list[Example]:
                 record["split"],
                 int(Path(record["filename"]).stem.rsplit("_", 1)[1]),
                 Scene.from_dict(record["scene"]),
-                tuple(sentence["raw"] for sentence in record["sentences"]),
+                tuple(s["raw"] for s in record["sentences"] if "query" not in s),
                 tuple(record["twin_of"]),
+                tuple(
+                    (s["raw"], queries.Query.from_dict(s["query"]))
+                    for s in record["sentences"]
+                    if "query" in s
+                ),
             )
             for record in records
         ]
     except (KeyError, TypeError, IndexError, ValueError) as exc:
         raise ValueError(f"{path} is not a synthetic dataset.json: {exc!r}") from exc
+
+
+def caption_truth(
+    examples: list[Example], split: str
+) -> tuple[list[Scene], list[int], list[queries.Query | None]]:
+    """What each caption of ``split`` is true of, in :func:`model.data.read_pairs` order (image
+    by image, full captions then partial ones): ``(scenes, image of each caption, query of
+    each caption)``; a full caption has query None and is true of its own scene only."""
+    scenes: list[Scene] = []
+    image_of: list[int] = []
+    query_of: list[queries.Query | None] = []
+    for example in (ex for ex in examples if ex.split == split):
+        for query in [None] * len(example.captions) + [q for _, q in example.partial]:
+            image_of.append(len(scenes))
+            query_of.append(query)
+        scenes.append(example.scene)
+    return scenes, image_of, query_of
+
+
+def is_true_of(query: queries.Query | None, own: Scene, other: Scene) -> bool:
+    """Whether a caption of scene ``own`` (``query`` None: a full one) also describes ``other``."""
+    if query is None:
+        return _scene_key(own) == _scene_key(other)
+    return queries.matches(query, other)
 
 
 def hard_image_ids(dataset_json: str | Path, split: str = "test") -> set[int]:
@@ -655,7 +671,12 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--n-test", type=int, help="number of test images (1000: COCO-1K)")
     parser.add_argument("--image-size", type=int, help="image side in pixels (default 64)")
     parser.add_argument(
-        "--hard-fraction", type=float, help="share of images in twin groups (default 0.4)"
+        "--hard-fraction", type=float, help="share of images in twin groups (default 0.5)"
+    )
+    parser.add_argument(
+        "--partial-captions",
+        type=int,
+        help="extra short captions per training image (default 3)",
     )
     parser.add_argument("--force", action="store_true", help="regenerate even if up to date")
     return parser
@@ -675,6 +696,7 @@ def main(argv: list[str] | None = None) -> int:
         "n_test": args.n_test,
         "image_size": args.image_size,
         "hard_fraction": args.hard_fraction,
+        "partial_captions": args.partial_captions,
     }
     try:
         config = replace(

@@ -201,6 +201,8 @@ def train(config: TrainConfig) -> Path:
 
     model = VLDeformer.from_pretrained(resume_from or config.model_path, device=device)
     settings = dataclasses.replace(model.settings, temperature=config.temperature)
+    if config.pooling is not None:
+        settings = dataclasses.replace(settings, pooling=config.pooling)
     if config.max_image_patches is not None:
         settings = dataclasses.replace(settings, train_max_image_patches=config.max_image_patches)
     model.settings = settings

@@ -45,6 +45,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
     temperature: float = 0.005  # the paper's code; saved into the model's DecomposeSettings
     negatives: str = "bimodal"  # or "unimodal" (plain InfoNCE, the ablation)
+    pooling: str | None = None  # "cls" / "mean" (the paper's code); None: the model's own
     max_image_patches: int | None = None  # patches sampled per training image; None: the model's
     eval_every: int = 1000  # steps between validations; 0: only after the last step
     save_every: int = 1000  # steps between checkpoints; 0: only the final model
@@ -100,6 +101,8 @@ class TrainConfig:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.pooling not in (None, "cls", "mean"):
+            raise ValueError(f"pooling must be 'cls', 'mean' or None, got {self.pooling!r}")
         if self.negatives not in NEGATIVE_MODES:
             raise ValueError(f"negatives must be one of {NEGATIVE_MODES}, got {self.negatives!r}")
         patches = self.max_image_patches
@@ -254,6 +257,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="contrastive temperature (the paper's code: 0.005)",
     )
     optim.add_argument(
+        "--pooling",
+        choices=("cls", "mean"),
+        default=None,
+        help="how an encoder pools its tokens into one vector: cls = the first token through "
+        "ViLT's pooler (dense + tanh); mean = the mean of all tokens, then tanh (the paper's "
+        "code). Default: the starting checkpoint's (cls for a plain ViLT)",
+    )
+    optim.add_argument(
         "--negatives",
         choices=NEGATIVE_MODES,
         default=defaults.negatives,
@@ -334,6 +345,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         grad_clip=args.grad_clip,
         temperature=args.temperature,
         negatives=args.negatives,
+        pooling=args.pooling,
         max_image_patches=args.max_image_patches,
         eval_every=args.eval_every,
         save_every=args.save_every,

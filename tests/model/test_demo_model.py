@@ -19,7 +19,9 @@ from model.synthetic import PRESETS, write_dataset
 DEMO = Path(__file__).resolve().parents[2] / "model" / "assets" / "demo"
 
 
-def test_both_stages_and_the_evaluator_run_on_tiny_data(tmp_path: Path) -> None:
+def test_both_stages_and_the_evaluator_run_on_tiny_data(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     config = DemoModelConfig(
         out_dir=tmp_path / "demo",
         data_dir=tmp_path / "data",
@@ -64,6 +66,25 @@ def test_both_stages_and_the_evaluator_run_on_tiny_data(tmp_path: Path) -> None:
         assert all(0.0 <= value <= 100.0 for key, value in result.metrics.items() if key != "rsum")
         assert 0.0 <= result.metrics["rsum"] <= 600.0 and result.seconds > 0
     assert report.results["early"].pairs_scored == len(images) * len(captions)
+    assert "/" not in json.dumps(
+        json.loads((config.out_dir / "teacher" / "itm_config.json").read_text())
+    )
+
+    # A rebuild with the same settings keeps the trained teacher (stage a is the long one)...
+    import model.demo_model as demo_model
+
+    calls: list[object] = []
+
+    def no_training(*args: object, **kwargs: object) -> Path:
+        calls.append(args)
+        raise AssertionError("stage (a) ran again")
+
+    monkeypatch.setattr(demo_model, "train_teacher", no_training)
+    again = build_demo_models(config)
+    assert again["teacher_weights_sha256"] == record["teacher_weights_sha256"] and not calls
+    # ...and other teacher settings retrain it.
+    with pytest.raises(AssertionError, match="ran again"):
+        build_demo_models(dataclasses.replace(config, teacher_steps=4))
 
 
 def _demo_present() -> bool:

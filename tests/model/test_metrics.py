@@ -187,3 +187,28 @@ def test_mean_over_folds_and_remap() -> None:
     folds = [{"rsum": 100.0, "i2t_r1": 10.0}, {"rsum": 200.0, "i2t_r1": 30.0}]
     assert mean_metrics(folds) == {"rsum": 150.0, "i2t_r1": 20.0}
     assert remap_to_fold(np.array([7, 5, 7, 6]), np.array([5, 6, 7])).tolist() == [2, 0, 2, 1]
+
+
+def test_ranking_metrics_precision_and_ndcg_by_hand() -> None:
+    from model.metrics import ranking_metrics
+
+    scores = np.array([[3.0, 2.0, 1.0, 0.0], [0.0, 1.0, 2.0, 3.0]])
+    relevant = np.array([[True, False, True, False], [True, False, False, False]])
+    result = ranking_metrics(scores, relevant, k=2)
+    # Query 1: top 2 = items 0 (hit), 1 (miss); query 2: items 3, 2, both misses.
+    assert result["p@2"] == pytest.approx((0.5 + 0.0) / 2)
+    ideal = 1 + 1 / np.log2(3)
+    assert result["ndcg@2"] == pytest.approx((1 / ideal + 0.0) / 2)
+    assert result["queries"] == 2
+
+
+def test_ranking_metrics_break_ties_against_the_query_and_skip_unanswerable() -> None:
+    from model.metrics import ranking_metrics
+
+    tied = np.zeros((1, 5))
+    relevant = np.array([[False, False, False, False, True]])
+    assert ranking_metrics(tied, relevant, k=4)["p@4"] == 0.0  # the relevant item ties last
+    none = ranking_metrics(tied, np.zeros((1, 5), dtype=bool), k=4)
+    assert none["queries"] == 0
+    small = ranking_metrics(np.array([[1.0, 0.0]]), np.array([[True, True]]), k=10)
+    assert small["p@10"] == pytest.approx(0.2) and small["ndcg@10"] == pytest.approx(1.0)

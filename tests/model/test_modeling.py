@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -12,7 +13,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from model import CheckpointError, EarlyInteraction, VLDeformer
+from model import CheckpointError, DecomposeSettings, EarlyInteraction, VLDeformer
 from model.testing import make_tiny_vilt
 
 
@@ -154,3 +155,32 @@ def test_tokenizer_knows_its_words(tiny_model: VLDeformer) -> None:
     assert tokens == ["a", "red", "circle", "left", "of", "a", "blue", "square"]
     red, blue = tiny_model.encode_text(["a red circle", "a blue circle"])
     assert not np.allclose(red, blue)
+
+
+def test_mean_pooling_is_the_papers_masked_mean_then_tanh(tiny_vilt_dir: Path) -> None:
+    cls = VLDeformer.from_pretrained(tiny_vilt_dir)
+    mean = VLDeformer.from_pretrained(tiny_vilt_dir)
+    mean.settings = dataclasses.replace(mean.settings, pooling="mean")
+    texts = ["a red circle", "two blue squares above a small triangle"]
+    vectors = mean.encode_text(texts)
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    assert not np.allclose(vectors, cls.encode_text(texts), atol=1e-3)
+    # The short text padded in a batch with the long one encodes as it does alone: padding
+    # positions are left out of the mean.
+    np.testing.assert_allclose(vectors[:1], mean.encode_text(texts[:1]), atol=1e-5)
+    # By hand: LayerNorm'd hidden states of the text tokens, their mean, tanh, normalised.
+    tokens = mean.tokenize(texts[:1])
+    with torch.inference_mode():
+        embeddings = mean.vilt.embeddings
+        hidden = embeddings.text_embeddings(input_ids=tokens["input_ids"])
+        hidden = hidden + embeddings.token_type_embeddings(torch.zeros_like(tokens["input_ids"]))
+        hidden = mean.vilt.layernorm(mean.vilt.encoder(hidden).last_hidden_state)
+        expected = torch.nn.functional.normalize(torch.tanh(hidden.mean(1)), dim=-1)
+    np.testing.assert_allclose(vectors[:1], expected.numpy(), atol=1e-5)
+    image_vectors = mean.encode_images(_images(3))
+    np.testing.assert_allclose(np.linalg.norm(image_vectors, axis=1), 1.0, atol=1e-5)
+
+
+def test_unknown_pooling_is_refused() -> None:
+    with pytest.raises(CheckpointError, match="pooling"):
+        DecomposeSettings(pooling="max")

@@ -248,6 +248,7 @@ def test_cli_trains(tiny_vilt_dir: Path, dataset_json: Path, tmp_path: Path) -> 
         ({"min_lr_ratio": 2.0}, "min_lr_ratio"),
         ({"max_steps": 0}, "max_steps"),
         ({"max_image_patches": 0}, "max_image_patches"),
+        ({"pooling": "max"}, "pooling"),
     ],
 )
 def test_config_rejects_bad_values(overrides: dict[str, Any], message: str) -> None:
@@ -275,3 +276,16 @@ def test_a_diverging_run_stops_with_exit_code_1(
     assert main(argv) == 1
     assert "at step 1" in capsys.readouterr().err
     assert not (tmp_path / "nan" / "final").exists()
+
+
+def test_pooling_option_reaches_the_saved_model(
+    tiny_vilt_dir: Path, dataset_json: Path, tmp_path: Path
+) -> None:
+    final = train(
+        _config(
+            tiny_vilt_dir, dataset_json, tmp_path / "run", max_steps=1, eval_every=0, pooling="mean"
+        )
+    )
+    model = VLDeformer.from_pretrained(final)
+    assert model.settings.pooling == "mean"
+    assert VLDeformer.from_pretrained(tiny_vilt_dir).settings.pooling == "cls"
