@@ -16,7 +16,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
 .PHONY: help install install-dev install-gpu lint format test demo demo-data demo-index \
-        demo-model bench bench-paper bench-indexer bench-search bench-service clean
+        demo-model bench bench-paper bench-queries bench-indexer bench-search bench-service clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -63,7 +63,7 @@ demo-data: install  ## regenerate the demo gallery from its seed (seconds)
 	$(PY) -m model.synthetic --out $(DEMO_DIR) --preset demo
 
 demo-index: demo-data  ## build the demo index with the indexer CLI
-	@test -f $(DEMO_MODEL)/config.json || { echo "The demo model is not built yet: run 'make demo-model' (about 30 min on 2 cores)."; exit 1; }
+	@test -f $(DEMO_MODEL)/config.json || { echo "The demo model is not built yet: run 'make demo-model' (about 80 min on 2 cores)."; exit 1; }
 	$(BIN)/vldeformer-index build --model $(DEMO_MODEL) --images $(DEMO_DIR)/gallery.jsonl \
 	    --captions $(DEMO_DIR)/captions.jsonl --out data/index
 
@@ -76,11 +76,14 @@ demo: demo-index  ## install, build the demo gallery and index, serve on http://
 	VLD_MODEL_DIR=$(DEMO_MODEL) VLD_INDEX_ROOT=data/index \
 	VLD_HOST=$(HOST) VLD_PORT=$(PORT) $(BIN)/vldeformer-serve
 
-demo-model: install  ## retrain the committed demo teacher + decomposed model (<= 30 min on 2 CPU cores)
+demo-model: install  ## retrain the committed demo teacher + decomposed model (~80 min on 2 CPU cores; resumes if interrupted)
 	$(PY) -m model.demo_model --out model/assets/demo
 
 bench-paper: install  ## the paper's claim on the synthetic test split -> BENCHMARKS.md figures
 	$(PY) bench/paper_claim.py
+
+bench-queries: install  ## short queries ("a red circle") against the demo gallery: P@10, nDCG@10
+	$(PY) bench/query_bench.py
 
 bench-indexer: install  ## indexer throughput (CPU here; --device cuda on a GPU host)
 	$(PY) bench/indexer_throughput.py

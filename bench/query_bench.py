@@ -219,12 +219,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.smoke:
-        from model.testing import make_tiny_vilt
+        from model.testing import make_tiny_demo_models
 
         scratch = Path(tempfile.mkdtemp(prefix="query-bench-smoke-"))
-        teacher = make_tiny_vilt(scratch / "models" / "teacher")
-        VLDeformer.from_pretrained(teacher).save_pretrained(scratch / "models" / "decomposed")
-        args.models, args.data = scratch / "models", scratch / "data"
+        args.models, args.data = make_tiny_demo_models(scratch / "models"), scratch / "data"
         args.early_images, args.batch_size = 5, 16
         if args.out == build_parser().get_default("out"):  # never overwrite committed results
             args.out = scratch / "query_bench.json"

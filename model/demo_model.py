@@ -81,6 +81,21 @@ def write_fingerprints(out_dir: Path) -> dict[str, str]:
     return fingerprints
 
 
+def init_demo_vilt(config: DemoModelConfig, out_dir: Path) -> Path:
+    """A randomly initialised ViLT of the demo's shape and vocabulary (seeded)."""
+    return init_vilt_checkpoint(
+        out_dir,
+        words=VOCABULARY,
+        image_size=config.image_size,
+        patch_size=config.patch_size,
+        hidden_size=config.hidden_size,
+        num_layers=config.num_layers,
+        num_heads=config.num_heads,
+        intermediate_size=config.intermediate_size,
+        seed=config.seed,
+    )
+
+
 def _teacher_config(config: DemoModelConfig, init_dir: Path, output_dir: Path) -> ItmConfig:
     return ItmConfig(
         init_model=str(init_dir),
@@ -104,17 +119,7 @@ def build_teacher(config: DemoModelConfig, work_dir: Path, *, progress: bool = T
     checkpoint) and copies the result into place; a teacher already in place with the same
     settings is kept."""
     target = config.out_dir / "teacher"
-    init_dir = init_vilt_checkpoint(
-        work_dir / "init",
-        words=VOCABULARY,
-        image_size=config.image_size,
-        patch_size=config.patch_size,
-        hidden_size=config.hidden_size,
-        num_layers=config.num_layers,
-        num_heads=config.num_heads,
-        intermediate_size=config.intermediate_size,
-        seed=config.seed,
-    )
+    init_dir = init_demo_vilt(config, work_dir / "init")
     expected = _teacher_config(config, init_dir, work_dir / "teacher")
     done = target / "itm_config.json"
     if done.is_file() and json.loads(done.read_text()) == _portable(expected):

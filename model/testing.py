@@ -40,3 +40,13 @@ def make_tiny_vilt(out_dir: Path, *, retrieval_head: bool = True, seed: int = 0)
         }
         save_file(weights, weights_file, metadata={"format": "pt"})
     return path
+
+
+def make_tiny_demo_models(out_dir: Path) -> Path:
+    """``out_dir/teacher`` (a tiny random ViLT) and ``out_dir/decomposed`` (the same weights as
+    a VLDeformer checkpoint): the layout of the demo models, for benchmark smoke runs."""
+    from model.modeling import VLDeformer
+
+    teacher = make_tiny_vilt(Path(out_dir) / "teacher")
+    VLDeformer.from_pretrained(teacher).save_pretrained(Path(out_dir) / "decomposed")
+    return Path(out_dir)
