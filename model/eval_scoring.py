@@ -152,12 +152,31 @@ def top_k(scores: np.ndarray, k: int) -> np.ndarray:
     return np.argpartition(-scores, k - 1, axis=1)[:, :k]
 
 
-def rerank(decomposed: np.ndarray, candidates: np.ndarray, rescored: np.ndarray) -> np.ndarray:
+def _zscore(scores: np.ndarray) -> np.ndarray:
+    """Per row: mean 0, standard deviation 1 (rows of equal scores become 0)."""
+    centred = scores - scores.mean(axis=1, keepdims=True)
+    return centred / np.maximum(centred.std(axis=1, keepdims=True), 1e-12)
+
+
+def rerank(
+    decomposed: np.ndarray,
+    candidates: np.ndarray,
+    rescored: np.ndarray,
+    student_weight: float = 0.0,
+) -> np.ndarray:
     """Hybrid scores: candidates above every other item, ordered (ties kept) by ``rescored``.
 
     ``decomposed`` ``(rows, n)``; ``candidates``/``rescored`` ``(rows, k)``. Non-candidates keep
     their decomposed scores; a candidate gets ``row max + 1 + its tie-preserving rank``.
+    With ``student_weight`` w > 0 the candidates are ordered by ``z(rescored) + w *
+    z(decomposed)`` instead, each z-scored over the row's candidates (BLIP adds its ITC
+    similarity to the matching score the same way); 0 keeps the teacher's order.
     """
+    if student_weight:
+        student = np.take_along_axis(decomposed, candidates, axis=1)
+        rescored = _zscore(rescored.astype(np.float64)) + student_weight * _zscore(
+            student.astype(np.float64)
+        )
     # float32 stays exact here: max + 1 + a small integer rank never collides or rounds down.
     hybrid = np.array(decomposed, dtype=np.result_type(decomposed.dtype, np.float32))
     floor = hybrid.max(axis=1) + 1.0  # (rows,)
@@ -177,6 +196,7 @@ def hybrid_scores(
     rerank_k: int,
     batch_size: int,
     progress: bool = False,
+    student_weight: float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray, int]:
     """Re-rank each query's decomposed top ``rerank_k`` with early interaction.
 
@@ -201,6 +221,6 @@ def hybrid_scores(
             early[row, batch] = _score_image(teacher, pixels, tokens)
     i2t_rescored = np.take_along_axis(early, i2t_candidates, axis=1)
     t2i_rescored = np.take_along_axis(early.T, t2i_candidates, axis=1)
-    sim_i2t = rerank(decomposed_i2t, i2t_candidates, i2t_rescored)
-    sim_t2i = rerank(decomposed_i2t.T, t2i_candidates, t2i_rescored)
+    sim_i2t = rerank(decomposed_i2t, i2t_candidates, i2t_rescored, student_weight)
+    sim_t2i = rerank(decomposed_i2t.T, t2i_candidates, t2i_rescored, student_weight)
     return sim_i2t, sim_t2i, int(wanted.sum())

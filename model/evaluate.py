@@ -10,8 +10,9 @@ mean of 5 folds, COCO 5K, Flickr30k 1K) in up to three modes:
   pair of a fold with a joint forward pass — the paper's baseline, ``n_images * n_captions``
   passes. ``--max-images`` evaluates a subset.
 - ``hybrid``: the decomposed top ``rerank_k`` candidates of every query re-scored by early
-  interaction. Candidates are ranked above all other items by their early-interaction score;
-  the rest keep their decomposed order.
+  interaction. Candidates are ranked above all other items by their early-interaction score
+  (plus, with ``student_weight`` > 0, that weight times the decomposed score, both z-scored
+  over the candidates); the rest keep their decomposed order.
 
 Wall time covers model work only (preprocessing, tokenising, forward passes, similarity,
 top-K); decoding image files is timed apart (``decode_seconds``). Hybrid's time includes the
@@ -134,6 +135,7 @@ def evaluate(
     batch_size: int = 64,
     progress: bool = False,
     keep_scores: bool = False,
+    student_weight: float = 0.0,
 ) -> EvaluationReport:
     """Evaluate retrieval on a gallery in the given modes.
 
@@ -149,6 +151,8 @@ def evaluate(
         rerank_k: candidates per query re-scored in ``hybrid`` mode.
         batch_size: images, captions or pairs per forward pass.
         progress: show progress bars.
+        student_weight: hybrid mode: weight of the decomposed score added to the teacher's
+            when ordering the candidates (both z-scored per query); 0 = the teacher's order.
         keep_scores: keep each mode's text→image score matrices (``ModeResult.t2i_scores``),
             e.g. to score subsets of the queries.
 
@@ -196,6 +200,7 @@ def evaluate(
             batch_size,
             progress,
             keep_scores,
+            student_weight,
         )
     return EvaluationReport(
         protocol=protocol,
@@ -235,6 +240,7 @@ def _run_modes(
     batch_size: int,
     progress: bool,
     keep_scores: bool = False,
+    student_weight: float = 0.0,
 ) -> dict[str, ModeResult]:
     evaluated = np.concatenate(folds)
     results: dict[str, ModeResult] = {}
@@ -297,6 +303,7 @@ def _run_modes(
                         rerank_k,
                         batch_size,
                         progress,
+                        student_weight,
                     )
                 pairs += scored
                 per_fold.append(retrieval_metrics(sim_i2t, mapping, sim_t2i=sim_t2i))
@@ -354,6 +361,7 @@ class EvalConfig:
     modes: tuple[str, ...] = ("decomposed",)
     protocol: str = "1k"
     rerank_k: int = 16
+    student_weight: float = 0.0
     max_images: int | None = None
     batch_size: int = 64
     device: str = "auto"
@@ -410,6 +418,7 @@ def run(config: EvalConfig) -> EvaluationReport:
         teacher=teacher,
         protocol=config.protocol,
         rerank_k=config.rerank_k,
+        student_weight=config.student_weight,
         batch_size=config.batch_size,
         progress=config.progress,
     )
@@ -489,6 +498,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="hybrid mode: decomposed candidates per query re-scored (default: 16)",
     )
     parser.add_argument(
+        "--student-weight",
+        type=float,
+        default=0.0,
+        help="hybrid mode: order the candidates by the teacher's score plus this weight times "
+        "the decomposed score, both z-scored per query (default: 0, the teacher alone)",
+    )
+    parser.add_argument(
         "--max-images",
         type=_positive_int,
         help="evaluate only the first N images and their captions (early mode scores every "
@@ -521,6 +537,7 @@ def main(argv: list[str] | None = None) -> int:
         modes=args.modes,
         protocol=args.protocol,
         rerank_k=args.rerank_k,
+        student_weight=args.student_weight,
         max_images=args.max_images,
         batch_size=args.batch_size,
         device=args.device,

@@ -151,6 +151,23 @@ def test_rerank_puts_candidates_first_and_keeps_ties() -> None:
     assert hybrid[[0, 2, 4]].min() > hybrid[[1, 3]].max()
 
 
+def test_rerank_with_a_student_weight_blends_both_orders() -> None:
+    decomposed = np.array([[0.9, 0.1, 0.2, 0.3]], dtype=np.float32)
+    candidates = np.array([[0, 2, 3]])
+    rescored = np.array([[0.0, 1.0, 0.9]], dtype=np.float32)  # early prefers 2, then 3, then 0
+
+    def order(weight: float) -> list[int]:
+        hybrid = rerank(decomposed, candidates, rescored, student_weight=weight)[0]
+        assert hybrid[[0, 2, 3]].min() > hybrid[1]  # candidates stay above the rest
+        return [int(i) for i in np.argsort(-hybrid, kind="stable")[:3]]
+
+    assert order(0.0) == [2, 3, 0]  # the teacher alone
+    assert order(100.0) == [0, 3, 2]  # the student dominates: its order among the candidates
+    # By hand, z-scores over the candidates (0, 2, 3): teacher (-1.40, 0.81, 0.59), student
+    # (1.40, -0.86, -0.54); their sums (0.00, -0.05, 0.05): 3 first, then 0, then 2.
+    assert order(1.0) == [3, 0, 2]
+
+
 class _TableModel(torch.nn.Module):
     """A stand-in encoder: image i is a 1x1 picture coding i, caption c is the text str(c)."""
 
