@@ -15,7 +15,7 @@ PY  := $(BIN)/python
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: help install install-dev install-gpu lint format test demo demo-data demo-index \
+.PHONY: help install install-dev install-gpu lint format test coverage demo demo-data demo-index \
         demo-model bench bench-paper bench-queries bench-indexer bench-search bench-service clean
 
 help:  ## list targets
@@ -58,6 +58,9 @@ format: install-dev  ## apply ruff's fixes and formatting
 
 test: install-dev lint  ## lint, then the whole test suite
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+coverage: install-dev  ## the test suite with line coverage per package (model, indexer, service)
+	$(BIN)/pytest --cov=model --cov=indexer --cov=service --cov-report=term $(PYTEST_ARGS)
 
 demo-data: install  ## regenerate the demo gallery from its seed (seconds)
 	$(PY) -m model.synthetic --out $(DEMO_DIR) --preset demo

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from packaging.specifiers import SpecifierSet
 
 ROOT = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
@@ -75,9 +76,23 @@ def test_dependencies_and_extras() -> None:
 
 
 def test_makefile_pins_torch_through_an_overridable_variable() -> None:
+    """An exact default pin (any version the project's own bound allows), overridable."""
     makefile = (ROOT / "Makefile").read_text()
-    assert re.search(r"^TORCH_SPEC \?= torch==2\.13\.0$", makefile, re.M)
+    pin = re.search(r"^TORCH_SPEC \?= torch==(\S+)$", makefile, re.M)
+    assert pin, "TORCH_SPEC must default to an exact torch==<version> pin"
+    (bound,) = [dep for dep in PYPROJECT["project"]["dependencies"] if dep.startswith("torch")]
+    assert SpecifierSet(bound.removeprefix("torch")).contains(pin[1]), (pin[1], bound)
     assert '"$(TORCH_SPEC)"' in makefile
+
+
+def test_make_coverage_measures_every_package() -> None:
+    recipe = re.search(r"^coverage:.*\n\t(.+)$", (ROOT / "Makefile").read_text(), re.M)
+    assert recipe, "the Makefile has no coverage target"
+    for package in ("model", "indexer", "service"):
+        assert f"--cov={package}" in recipe[1], package
+    assert any(
+        dep.startswith("pytest-cov") for dep in PYPROJECT["project"]["optional-dependencies"]["dev"]
+    )
 
 
 def test_compose_file_describes_indexer_and_api() -> None:

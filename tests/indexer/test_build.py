@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from indexer.cli import main
 from indexer.store import (
@@ -23,6 +24,7 @@ from model import VLDeformer
 from model.images import open_image
 from model.testing import make_tiny_vilt
 from tests.indexer.conftest import BuiltIndex
+from tests.indexer.gallery import GallerySpec
 
 
 @pytest.fixture(scope="module")
@@ -192,3 +194,59 @@ def test_build_from_a_manifest_with_captions_prints_a_summary(
         assert version.image_by_id("first").captions == ("a red circle",)  # type: ignore[union-attr]
         assert version.index_settings("images")["type"] == "ivf"
         assert "nprobe" in version.index_settings("images")["params"]
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_max_pixels_is_honoured_at_its_boundary(
+    tiny_vilt_dir: Path, tmp_path: Path, workers: int
+) -> None:
+    folder = tmp_path / "images"
+    folder.mkdir()
+    Image.new("RGB", (32, 32), "red").save(folder / "at_limit.png")  # 1024 pixels
+    Image.new("RGB", (41, 25), "blue").save(folder / "one_over.png")  # 1025 pixels
+    root = tmp_path / "root"
+    code = main(["-q", "build", "--model", str(tiny_vilt_dir), "--out", str(root),
+                 "--images", str(folder), "--workers", str(workers), "--threads", "1",
+                 "--max-pixels", "1024"])  # fmt: skip
+    assert code == 0
+    manifest = read_manifest(version_dir(root, read_current(root) or ""))
+    assert manifest["build"]["config"]["max_pixels"] == 1024
+    assert manifest["counts"]["images"] == 1
+    assert [(s["id"], s["reason"]) for s in manifest["skipped"]] == [
+        ("one_over.png", "too_many_pixels")
+    ]
+    with IndexVersion.open(root) as version:
+        assert version.image_by_id("at_limit.png") is not None
+
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+# Every way the indexer can run the model: today torch, on the CPU in float32 or bfloat16 and
+# on a GPU. A new runtime (e.g. ONNX) gets a row here.
+RUNTIMES = [
+    pytest.param("cpu", "float32", id="torch-cpu-float32"),
+    pytest.param("cpu", "bfloat16", id="torch-cpu-bfloat16"),
+    pytest.param("cuda", "auto", id="torch-cuda", marks=[pytest.mark.gpu, CUDA]),
+]
+
+
+@pytest.mark.parametrize(("device", "dtype"), RUNTIMES)
+def test_stored_vectors_are_unit_norm(
+    tiny_vilt_dir: Path, gallery: GallerySpec, captions_path: Path, tmp_path: Path,
+    device: str, dtype: str,
+) -> None:  # fmt: skip
+    """Inner product is cosine only over unit vectors: every stored row has norm 1."""
+    root = tmp_path / "root"
+    code = main(["-q", "build", "--model", str(tiny_vilt_dir), "--out", str(root),
+                 "--images", str(gallery.folder), "--captions", str(captions_path),
+                 "--workers", "0", "--threads", "1",
+                 "--device", device, "--dtype", dtype])  # fmt: skip
+    assert code == 0
+    with IndexVersion.open(root) as version:
+        assert version.manifest["normalized"] is True
+        for modality, count in (
+            ("images", version.image_count),
+            ("captions", version.caption_count),
+        ):
+            stored = version.reconstruct(modality, range(count))  # type: ignore[arg-type]
+            assert stored.dtype == np.float32 and len(stored) == count > 0
+            np.testing.assert_allclose(np.linalg.norm(stored, axis=1), 1.0, atol=1e-5)

@@ -1,4 +1,5 @@
-"""A build killed with SIGKILL mid-encode leaves CURRENT alone, and --resume finishes it."""
+"""A build killed with SIGKILL mid-encode or mid-publish leaves CURRENT on a sound version, and
+--resume finishes it."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from indexer.build import BuildConfig, run_build
 from indexer.cli import main
 from indexer.shards import Shard
 from indexer.store import (
+    CURRENT_FILE,
     IndexVersion,
     list_versions,
     read_current,
@@ -63,6 +65,35 @@ def _caption_config(
     return BuildConfig(**settings)
 
 
+def _child_env() -> dict[str, str]:
+    return {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+    }
+
+
+def _kill_when(command: list[str], ready: Callable[[], bool], waiting_for: str) -> None:
+    """Run ``command`` in a child process and SIGKILL it as soon as ``ready()`` holds."""
+    process = subprocess.Popen(
+        command, cwd=REPO, env=_child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and process.poll() is None and not ready():
+            time.sleep(0.05)
+        assert process.poll() is None, process.communicate()[1].decode()[-2000:]
+        assert ready(), f"the build never reached {waiting_for}"
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == -signal.SIGKILL
+
+
 def _vectors(root: Path, version: str) -> tuple[list[str], np.ndarray, list[str], np.ndarray]:
     with IndexVersion.open(root, version) as opened:
         image_ids = [r.id for r in opened.image_records(range(opened.image_count))]
@@ -86,33 +117,11 @@ def test_sigkill_mid_encode_keeps_current_and_resume_matches_a_full_build(
         "--images", str(built.gallery.folder), "--captions", str(captions_path),
         "--workers", "0", "--batch-size", "4", "--shard-size", "8",
     ]  # fmt: skip
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(REPO),
-        "HF_HUB_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-    }
-    process = subprocess.Popen(
+    _kill_when(
         [sys.executable, "-m", "indexer", "-q", *args, "--pause-after-shards", "2"],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-    )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 120
-        shards: list[Path] = []
-        while time.monotonic() < deadline and process.poll() is None:
-            shards = sorted(root.glob(".tmp-*/shards/images/*.json"))
-            if len(shards) >= 2:
-                break
-            time.sleep(0.1)
-        assert process.poll() is None, process.communicate()[1].decode()[-2000:]
-        assert len(shards) >= 2, "the build never wrote its first shards"
-        process.send_signal(signal.SIGKILL)
-        process.wait(timeout=30)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-    assert process.returncode == -signal.SIGKILL
+        lambda: len(list(root.glob(".tmp-*/shards/images/*.json"))) >= 2,
+        "its first two shards",
+    )
 
     # The killed build published nothing; the previous version is untouched and sound.
     assert read_current(root) == published
@@ -134,6 +143,42 @@ def test_sigkill_mid_encode_keeps_current_and_resume_matches_a_full_build(
     assert again[0] == full[0] and again[2] == full[2]
     np.testing.assert_allclose(again[1], full[1], atol=1e-6)
     np.testing.assert_allclose(again[3], full[3], atol=1e-6)
+
+
+@pytest.mark.slow
+def test_sigkill_while_publishing_leaves_current_on_the_old_version(
+    built: BuiltIndex, built_copy: Path, captions_path: Path, tmp_path: Path
+) -> None:
+    """Killed after the version directory is in place, just before CURRENT moves."""
+    root = built_copy
+    published = read_current(root)
+    marker = tmp_path / "paused-at-current"
+    args = ["-q", "build", "--model", str(built.model_dir), "--out", str(root),
+            "--captions", str(captions_path), "--device", "cpu", "--threads", "1"]  # fmt: skip
+    _kill_when(
+        [sys.executable, "-m", "tests.indexer.paused_build", str(marker), "--", *args],
+        lambda: marker.is_file() and marker.read_text().endswith("\n"),
+        "the switch of CURRENT",
+    )
+
+    # CURRENT still names the old version, which verifies and opens.
+    assert read_current(root) == published
+    assert verify_version(root) == []
+    with IndexVersion.open(root, verify=True) as served:
+        assert served.version == published
+    # The killed build's version was complete and in place before CURRENT was to name it.
+    current_temp = Path(marker.read_text().strip())
+    assert current_temp.parent == root and current_temp.is_file()
+    killed = current_temp.read_text().strip()
+    assert list_versions(root) == sorted([published, killed])
+    assert verify_version(root, killed) == []
+
+    # The next build clears what the killed one left and publishes.
+    assert main(args) == 0
+    latest = read_current(root)
+    assert latest not in (published, killed)
+    assert verify_version(root) == []
+    assert not list(root.glob(f"{CURRENT_FILE}.*.tmp")) and not list(root.glob(".tmp-*"))
 
 
 def test_a_normal_build_removes_stale_temporary_directories(

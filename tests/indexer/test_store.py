@@ -145,6 +145,18 @@ def test_open_with_verify_refuses_an_altered_index(tmp_path: Path) -> None:
         IndexVersion.open(tmp_path, verify=True)
 
 
+def test_verify_reports_a_missing_file_and_an_unexpected_one(tmp_path: Path) -> None:
+    version, _ = publish_images(tmp_path)
+    directory = version_dir(tmp_path, version)
+    (directory / "stray.bin").write_bytes(b"left behind")
+    assert verify_version(tmp_path) == [f"unexpected file {directory / 'stray.bin'}"]
+    (directory / "stray.bin").unlink()
+    (directory / "metadata.sqlite").unlink()
+    assert verify_version(tmp_path) == [f"missing file {directory / 'metadata.sqlite'}"]
+    with pytest.raises(CorruptVersionError, match=r"metadata\.sqlite is missing"):
+        IndexVersion.open(tmp_path)
+
+
 def test_concurrent_searches_and_lookups_agree_with_serial_ones(tmp_path: Path) -> None:
     publish_images(tmp_path, n=200)
     queries = [unit_rows(3, seed) for seed in range(32)]

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from model.loss import ContrastiveLoss, contrastive_step
+from model.loss import DEFAULT_TEMPERATURE, ContrastiveLoss, contrastive_step
 
 MODES = ("bimodal", "unimodal")
 
@@ -67,6 +67,26 @@ def test_modes_differ_and_unimodal_is_symmetric_infonce() -> None:
     targets = torch.arange(3)
     clip = (F.cross_entropy(similarity, targets) + F.cross_entropy(similarity.T, targets)) / 2
     assert unimodal.item() == pytest.approx(clip.item(), rel=1e-12)
+
+
+# Texts 0 and 1 are near-duplicates (cosine 0.9996), closer to each other than to any image:
+# at tau = 0.005 only such same-modality hard negatives tell the two modes apart (for the
+# pairs above, the extra negatives change the loss by less than 1e-12).
+NEAR_TEXTS = _unit([[1.0, 0.2, 0.0], [1.0, 0.22, 0.02], [0.0, 0.3, 1.0]])
+NEAR_IMAGES = _unit([[0.9, 0.6, -0.2], [0.8, 0.1, 0.6], [0.3, 0.8, 0.9]])
+
+
+def test_modes_differ_at_the_default_temperature_with_same_modality_near_duplicates() -> None:
+    assert DEFAULT_TEMPERATURE == 0.005
+    texts = torch.tensor(NEAR_TEXTS, dtype=torch.float64)
+    images = torch.tensor(NEAR_IMAGES, dtype=torch.float64)
+    losses = {}
+    for mode in MODES:
+        loss = ContrastiveLoss(DEFAULT_TEMPERATURE, mode)(texts, images).item()  # type: ignore[arg-type]
+        assert loss == pytest.approx(_hand_loss(NEAR_TEXTS, NEAR_IMAGES, 0.005, mode), rel=1e-9)
+        losses[mode] = loss
+    # Each near-duplicate text is a bi-modal negative of the other, 18 to 38 logits above its pair.
+    assert losses["bimodal"] - losses["unimodal"] > 5.0, losses
 
 
 def test_logits_mask_and_ground_truth() -> None:

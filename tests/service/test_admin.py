@@ -7,6 +7,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -105,6 +106,36 @@ def test_a_version_for_another_model_is_refused_on_reload(
     error = assert_error(client.post("/admin/reload", headers=AUTH), 409, "index_refused")
     assert "fingerprint mismatch" in error["message"]
     assert client.get("/readyz").json()["index_version"] == service_env.gallery.version
+
+
+@pytest.mark.parametrize("mismatch", ["fingerprint", "dimension"])
+def test_a_reload_without_verification_still_refuses_another_models_index(
+    tmp_path: Path,
+    service_env: ServiceEnv,
+    make_client: Callable[..., TestClient],
+    mismatch: str,
+) -> None:
+    """Skipping verification skips checksums and self-query, never the model check."""
+    root = tmp_path / "root"
+    root.mkdir()
+    client = make_client(index_root=root, verify_on_start=False)
+    holder = client.app.state.service.holder
+    other: dict[str, Any] = {"fingerprint": "2" * 64} if mismatch == "fingerprint" else {"dim": 64}
+    make_gallery(root, tmp_path / "other", service_env.encoder, prefix="other", **other)
+    with pytest.raises(IndexRejectedError, match=f"{mismatch} mismatch"):
+        holder.reload(verify=False)
+    assert holder.current is None
+    assert_error(client.get("/readyz"), 503, "not_ready")
+    assert_error(client.post("/search/images", json={"text": "a"}), 503, "not_ready")
+
+    # A holder already serving a version keeps serving it.
+    good = make_gallery(root, tmp_path / "good", service_env.encoder, prefix="good")
+    assert holder.reload(verify=False).status == "reloaded"
+    make_gallery(root, tmp_path / "again", service_env.encoder, prefix="again", **other)
+    with pytest.raises(IndexRejectedError, match=f"{mismatch} mismatch"):
+        holder.reload(verify=False)
+    assert client.get("/readyz").json()["index_version"] == good.version
+    assert _top_id(client, good.captions[0][1]) == good.image_ids[0]
 
 
 def test_polling_picks_up_new_versions_and_skips_refused_ones(

@@ -28,6 +28,7 @@ def test_healthz_and_readyz_when_ready(client: TestClient, service_env: ServiceE
     }
 
 
+@pytest.mark.parametrize("verify_on_start", [True, False], ids=["verify", "no-verify"])
 @pytest.mark.parametrize("mismatch", ["fingerprint", "dimension"])
 def test_an_index_built_for_another_model_is_refused(
     tmp_path: Path,
@@ -35,14 +36,16 @@ def test_an_index_built_for_another_model_is_refused(
     make_client: Callable[..., TestClient],
     caplog: pytest.LogCaptureFixture,
     mismatch: str,
+    verify_on_start: bool,
 ) -> None:
+    """The model check is not part of verification: it holds with VLD_VERIFY_ON_START=false."""
     root = tmp_path / "other-index"
     if mismatch == "fingerprint":
         make_gallery(root, tmp_path / "g2", service_env.encoder, fingerprint="0" * 64)
     else:
         make_gallery(root, tmp_path / "g2", service_env.encoder, dim=64)
     with caplog.at_level(logging.ERROR):
-        client = make_client(index_root=root)
+        client = make_client(index_root=root, verify_on_start=verify_on_start)
     assert client.get("/healthz").status_code == 200
     error = assert_error(client.get("/readyz"), 503, "not_ready")
     assert mismatch in error["message"]
@@ -51,6 +54,25 @@ def test_an_index_built_for_another_model_is_refused(
         for record in caplog.records
     ), [r.getMessage() for r in caplog.records]
     assert_error(client.post("/search/images", json={"text": "a"}), 503, "not_ready")
+    assert client.app.state.service.holder.current is None  # never served
+
+
+@pytest.mark.parametrize("damage", ["manifest", "index file"])
+def test_with_verification_off_an_unreadable_version_is_still_refused(
+    service_env: ServiceEnv, make_client: Callable[..., TestClient], damage: str
+) -> None:
+    """VLD_VERIFY_ON_START=false skips the checksums of the data files, not reading them."""
+    directory = service_env.root / "versions" / service_env.gallery.version
+    if damage == "manifest":
+        manifest = directory / "manifest.json"
+        manifest.write_text(manifest.read_text().replace('"images": 6', '"images": 7', 1))
+    else:
+        (directory / "images.faiss").unlink()
+    client = make_client(verify_on_start=False)
+    error = assert_error(client.get("/readyz"), 503, "not_ready")
+    assert "refused" in error["message"]
+    assert_error(client.post("/search/images", json={"text": "a"}), 503, "not_ready")
+    assert client.app.state.service.holder.current is None
 
 
 def test_nothing_published_is_not_ready(

@@ -6,6 +6,7 @@ import io
 import json
 from collections.abc import Callable, Iterator, Sequence
 
+import httpx
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
@@ -294,18 +295,18 @@ def test_bad_images_are_refused_with_the_right_status(
     assert_still_serving(client, service_env)
 
 
-def test_pixel_limit_is_a_setting(make_client: Callable[..., TestClient]) -> None:
+def test_pixel_limit_is_a_setting_and_holds_at_its_boundary(
+    make_client: Callable[..., TestClient],
+) -> None:
     client = make_client(max_image_pixels=100)
-    small = png_bytes(Image.new("RGB", (10, 10), "red"))
-    large = png_bytes(Image.new("RGB", (11, 10), "red"))
-    assert (
-        client.post(
-            "/search/captions", content=small, headers={"content-type": "image/png"}
-        ).status_code
-        == 200
-    )
-    response = client.post("/search/captions", content=large, headers={"content-type": "image/png"})
-    assert_error(response, 413, "too_many_pixels")
+    for size, status in (((10, 10), 200), ((100, 1), 200), ((101, 1), 413), ((11, 10), 413)):
+        data = png_bytes(Image.new("RGB", size, "red"))
+        response = client.post(
+            "/search/captions", content=data, headers={"content-type": "image/png"}
+        )
+        assert response.status_code == status, (size, response.text)
+        if status == 413:
+            assert_error(response, 413, "too_many_pixels")
 
 
 def test_a_large_upload_is_shrunk_before_it_is_queued(
@@ -352,6 +353,26 @@ def test_a_body_over_the_limit_is_413_with_content_length(
     response = client.post("/search/captions", files={"image": ("big.png", data, "image/png")})
     assert_error(response, 413, "payload_too_large")
     assert_still_serving(client, service_env)
+
+
+@pytest.mark.parametrize("transfer", ["content-length", "chunked"])
+def test_a_body_of_exactly_the_limit_is_accepted_and_one_byte_more_is_413(
+    make_client: Callable[..., TestClient], gallery_picture: Image.Image, transfer: str
+) -> None:
+    data = png_bytes(gallery_picture)
+    client = make_client(max_upload_bytes=len(data))
+
+    def post(body: bytes) -> httpx.Response:
+        content = body if transfer == "content-length" else iter([body[:100], body[100:]])
+        response = client.post(
+            "/search/captions", content=content, headers={"content-type": "image/png"}
+        )
+        assert ("transfer-encoding" in response.request.headers) == (transfer == "chunked")
+        return response
+
+    at_limit = post(data)
+    assert at_limit.status_code == 200, at_limit.text
+    assert_error(post(data + b"\0"), 413, "payload_too_large")  # refused for its size alone
 
 
 def test_a_chunked_body_over_the_limit_is_413_before_it_is_all_read(
