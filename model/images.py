@@ -3,12 +3,15 @@
 Every image that reaches the model goes through :func:`open_image`: the format is checked
 from the content (never the file name), the pixel count from the header *before* decoding
 (decompression bombs), EXIF orientation is applied and every mode is converted to RGB.
+:func:`preprocess_image` then turns any decoded image, whatever its aspect ratio, into the
+model's pixels.
 """
 
 from __future__ import annotations
 
 import io
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
@@ -149,13 +152,57 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def preprocess_image(processor: object, image: Image.Image) -> np.ndarray:
-    """Run a checkpoint's image processor on one RGB image: float32 ``(3, H, W)``.
+# ViLT's image processors cap an image's long side at 1333/800 of its short side (COCO's
+# typical aspect ratio); transformers hard-codes the pair in both backends.
+_VILT_MAX_LONGER_EDGE = 1333
+_VILT_MAX_SHORTER_EDGE = 800
 
-    Picklable inputs and output, so the indexer runs it in decoding worker processes;
-    :func:`collate_pixels` pads a list of these into a batch.
-    """
-    encoded = processor(images=[image], return_tensors="np")  # type: ignore[operator]
+
+@dataclass(frozen=True)
+class _ViltResize:
+    """The resize rule of ViLT's image processor, as both transformers backends apply it."""
+
+    shorter: int  # size["shortest_edge"]
+    divisor: int  # size_divisor (the patch size in our checkpoints); 1 = none
+
+    @property
+    def longer(self) -> int:
+        return int(_VILT_MAX_LONGER_EDGE / _VILT_MAX_SHORTER_EDGE * self.shorter)
+
+    def output_size(self, height: int, width: int) -> tuple[int, int]:
+        """``(height, width)`` after the processor's resize; a side may come out 0."""
+        if height < width:
+            new_height, new_width = float(self.shorter), width * (self.shorter / height)
+        else:
+            new_height, new_width = height * (self.shorter / width), float(self.shorter)
+        if max(new_height, new_width) > self.longer:
+            scale = self.longer / max(new_height, new_width)
+            new_height, new_width = new_height * scale, new_width * scale
+        rounded_height, rounded_width = int(new_height + 0.5), int(new_width + 0.5)
+        return (
+            rounded_height // self.divisor * self.divisor,
+            rounded_width // self.divisor * self.divisor,
+        )
+
+
+def _vilt_resize(processor: object) -> _ViltResize | None:
+    """The processor's resize rule, or None when it does not resize by a shortest edge."""
+    if not getattr(processor, "do_resize", False):
+        return None
+    size = getattr(processor, "size", None)
+    shorter = (
+        size.get("shortest_edge")
+        if isinstance(size, dict)
+        else getattr(size, "shortest_edge", None)
+    )
+    if not shorter:
+        return None
+    return _ViltResize(int(shorter), int(getattr(processor, "size_divisor", None) or 1))
+
+
+def _run_processor(processor: object, image: Image.Image, **overrides: object) -> np.ndarray:
+    """The processor on one image, its batch padding cropped off: float32 ``(3, H, W)``."""
+    encoded = processor(images=[image], return_tensors="np", **overrides)  # type: ignore[operator]
     pixel_values: np.ndarray = encoded["pixel_values"][0]
     mask = encoded.get("pixel_mask")
     if mask is not None:  # the processor pads to a multiple of its size divisor; crop that off
@@ -163,6 +210,55 @@ def preprocess_image(processor: object, image: Image.Image) -> np.ndarray:
         cols = np.flatnonzero(mask[0].any(axis=0))
         pixel_values = pixel_values[:, : rows[-1] + 1, : cols[-1] + 1]
     return np.ascontiguousarray(pixel_values, dtype=np.float32)
+
+
+def _letterboxed(processor: object, image: Image.Image, resize: _ViltResize) -> np.ndarray:
+    """``image`` scaled (aspect ratio kept) to the processor's longest output side and centred
+    in a band one patch across, padded with 0 (the mean colour once normalised)."""
+    band = resize.divisor
+    long_side = max(band, resize.longer // band * band)
+    width, height = image.size
+    short_side = min(band, max(1, round(min(width, height) * long_side / max(width, height))))
+    landscape = width >= height
+    content_size = (long_side, short_side) if landscape else (short_side, long_side)  # (w, h)
+    resample = Image.Resampling(int(getattr(processor, "resample", Image.Resampling.BICUBIC)))
+    content = _run_processor(processor, image.resize(content_size, resample), do_resize=False)
+    pixels = np.zeros((3, band, long_side) if landscape else (3, long_side, band), np.float32)
+    top = (pixels.shape[1] - content.shape[1]) // 2
+    left = (pixels.shape[2] - content.shape[2]) // 2
+    pixels[:, top : top + content.shape[1], left : left + content.shape[2]] = content
+    return pixels
+
+
+def preprocess_image(processor: object, image: Image.Image) -> np.ndarray:
+    """Run a checkpoint's image processor on one RGB image: float32 ``(3, H, W)``.
+
+    The one preprocessing function of the indexer, the service, training and evaluation; it
+    takes an image of any size and aspect ratio, from 1x1 to 1xN and Nx1:
+
+    - An image the processor can resize goes through it untouched, so the output is
+      bit-identical to the processor's (its batch padding cropped off).
+    - Beyond an aspect ratio of about ``longer / size_divisor`` (6.6:1 for a 64-pixel short
+      edge and 16-pixel patches, 20:1 for ViLT-B/32's 384 and 32) the processor would round
+      the short side down to 0 pixels and raise. Such an image is letterboxed instead: scaled,
+      aspect ratio kept, so its long side is the processor's longest output side (``longer``
+      floored to a multiple of ``size_divisor``), then centred in a band one ``size_divisor``
+      (one ViLT patch) across. The padding is 0 after normalisation, the mean colour, which is
+      also what ViLT pads batches with. Every image thus yields at least one full row (or
+      column) of patches; nothing is cropped, and the content is distorted only by rounding
+      its short side to whole pixels (at least 1).
+
+    Raises :class:`ImageError` for an image without pixels. Picklable inputs and output, so
+    the indexer runs it in decoding worker processes; :func:`collate_pixels` pads a list of
+    these into a batch.
+    """
+    width, height = image.size
+    if width < 1 or height < 1:
+        raise ImageError(f"image is {width}x{height} pixels; both sides must be at least 1")
+    resize = _vilt_resize(processor)
+    if resize is not None and 0 in resize.output_size(height, width):
+        return _letterboxed(processor, image, resize)
+    return _run_processor(processor, image)
 
 
 def collate_pixels(images: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -9,6 +9,9 @@ ms apart, and a fixed window would cut that burst into small batches. A lone que
 and batches of one modality never overlap). Admission is bounded: at most ``capacity`` queries
 may be being prepared (:meth:`MicroBatcher.submit_prepared`), waiting or running; the next one
 gets :class:`service.errors.Overloaded` (HTTP 503 + Retry-After) at once.
+
+One bad item never fails its neighbours: when a batch raises, each of its items is processed
+again alone, so every query gets its own answer or its own error.
 """
 
 from __future__ import annotations
@@ -189,6 +192,31 @@ class MicroBatcher(Generic[ItemT, ResultT]):
             raise
         return batch
 
+    def _process_isolated(self, items: list[ItemT]) -> list[ResultT | Exception]:
+        """Process ``items`` as one batch; if that raises, each item alone (worker thread).
+
+        Returns one result or exception per item, in order: an item its processing cannot
+        handle fails its own query only, and its neighbours are answered.
+        """
+        try:
+            results: list[ResultT | Exception] = list(self._process(items))
+            if len(results) != len(items):
+                raise RuntimeError(
+                    f"{self.name} batch returned {len(results)} results for {len(items)} items"
+                )
+            return results
+        except Exception as exc:
+            if len(items) == 1:
+                logger.warning("%s query failed: %r", self.name, exc, exc_info=exc)
+                return [exc]
+            logger.warning(
+                "%s batch of %d failed (%r); processing each query alone",
+                self.name,
+                len(items),
+                exc,
+            )
+        return [self._process_isolated([item])[0] for item in items]
+
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
@@ -196,20 +224,20 @@ class MicroBatcher(Generic[ItemT, ResultT]):
             live = [pending for pending in batch if not pending.future.done()]  # drop cancelled
             try:
                 if live:
-                    results = await loop.run_in_executor(
-                        self._executor, self._process, [pending.item for pending in live]
+                    outcomes = await loop.run_in_executor(
+                        self._executor, self._process_isolated, [pending.item for pending in live]
                     )
-                    if len(results) != len(live):
-                        raise RuntimeError(
-                            f"{self.name} batch returned {len(results)} results for {len(live)}"
-                        )
-                    for pending, result in zip(live, results, strict=True):
-                        if not pending.future.done():
-                            pending.future.set_result(result)
+                    for pending, outcome in zip(live, outcomes, strict=True):
+                        if pending.future.done():
+                            continue
+                        if isinstance(outcome, Exception):
+                            pending.future.set_exception(outcome)
+                        else:
+                            pending.future.set_result(outcome)
             except asyncio.CancelledError:
                 self._fail(live, NotReady("the service is shutting down"))
                 raise
-            except Exception as exc:
+            except Exception as exc:  # a bug in the loop above; the items must not hang
                 logger.exception("%s batch of %d failed", self.name, len(live))
                 self._fail(live, exc)
             finally:

@@ -109,6 +109,14 @@ class InvalidInput(ServiceError):
     code = "validation_error"
 
 
+class EncodeFailed(ServiceError):
+    """The encoder failed on this query, tried alone; the other queries of its batch were
+    answered."""
+
+    status_code = 500
+    code = "encode_failed"
+
+
 class Overloaded(ServiceError):
     """The per-modality queue is full: come back after ``Retry-After`` seconds."""
 
@@ -162,6 +170,8 @@ def error_responses(*status_codes: int) -> dict[int | str, dict[str, Any]]:
         413: "Body over the upload limit, or image over the pixel limit.",
         415: "Content type or image format outside the allowed list.",
         422: "A field is missing, has the wrong type, or is out of range.",
+        500: "The encoder failed on this query alone (its batch's other queries were "
+        "answered), or an internal error (sent with Connection: close).",
         503: "Not ready (no model or index loaded) or overloaded (see Retry-After).",
     }
     return {
@@ -207,8 +217,13 @@ async def _http_error_handler(request: Request, exc: Exception) -> JSONResponse:
 
 
 async def _unhandled_error_handler(request: Request, exc: Exception) -> JSONResponse:
+    # Starlette re-raises an unhandled exception once this response is sent, and the server
+    # then drops the connection: say so, or a keep-alive client's next request on it gets an
+    # empty reply. (ServiceErrors, 5xx included, leave the connection usable.)
     logger.exception("unhandled error in %s %s", request.method, request.url.path)
-    return error_response(500, "internal_error", "internal server error")
+    return error_response(
+        500, "internal_error", "internal server error", headers={"Connection": "close"}
+    )
 
 
 def install_error_handlers(app: FastAPI) -> None:

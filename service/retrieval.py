@@ -16,7 +16,8 @@ import numpy as np
 from PIL import Image
 
 from indexer.store import CaptionRecord, ImageRecord, IndexVersion, ModalityMissingError
-from service.errors import ModalityMissing
+from model.images import ImageError
+from service.errors import BadRequest, EncodeFailed, ModalityMissing
 from service.metrics import ServiceMetrics
 
 RecordT = TypeVar("RecordT", ImageRecord, CaptionRecord)
@@ -108,7 +109,15 @@ class _BatchSearch(Generic[QueryT, RecordT]):
         started = time.perf_counter()
         if self.delay_s:
             time.sleep(self.delay_s)
-        xq = self.encode(queries)
+        try:
+            xq = self.encode(queries)
+        except ImageError as exc:  # preprocessing refused the input itself
+            raise BadRequest(f"cannot encode the image: {exc}", code=exc.reason) from exc
+        except Exception as exc:
+            # Clients see the kind of failure only; the batcher logs the traceback.
+            raise EncodeFailed(
+                f"the {self.modality} encoder failed on this query ({type(exc).__name__})"
+            ) from exc
         self.metrics.encode_seconds.labels(self.modality).observe(time.perf_counter() - started)
         started = time.perf_counter()
         try:

@@ -48,7 +48,7 @@ def build_router(settings: Settings) -> APIRouter:
             "Encodes the text with the decomposed text encoder (micro-batched with concurrent "
             "queries) and returns the k nearest gallery images by cosine similarity."
         ),
-        responses=error_responses(400, 404, 413, 422, 503),
+        responses=error_responses(400, 404, 413, 422, 500, 503),
     )
     async def search_images(
         body: TextSearchRequest,  # type: ignore[valid-type]
@@ -91,7 +91,7 @@ def build_router(settings: Settings) -> APIRouter:
             f"RGB. Limits: {settings.max_upload_bytes} bytes per body, "
             f"{settings.max_image_pixels} pixels per image (checked before decoding)."
         ),
-        responses=error_responses(400, 404, 413, 415, 422, 503),
+        responses=error_responses(400, 404, 413, 415, 422, 500, 503),
         openapi_extra={"requestBody": caption_request_body(settings.max_k, RAW_IMAGE_TYPES)},
     )
     async def search_captions(

@@ -219,6 +219,28 @@ def test_max_pixels_is_honoured_at_its_boundary(
         assert version.image_by_id("at_limit.png") is not None
 
 
+def test_images_of_any_aspect_ratio_are_indexed_not_skipped(
+    tiny_vilt_dir: Path, tmp_path: Path
+) -> None:
+    """Banners and 1-pixel lines used to be skipped as decode_failed (issue 10)."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    sizes = {"banner.png": (700, 100), "gradient.png": (256, 10), "column.png": (1, 40),
+             "row.png": (40, 1), "dot.png": (1, 1), "square.png": (32, 32)}  # fmt: skip
+    for name, size in sizes.items():
+        Image.new("RGB", size, (30, 160, 90)).save(folder / name)
+    root = tmp_path / "root"
+    code = main(["-q", "build", "--model", str(tiny_vilt_dir), "--out", str(root),
+                 "--images", str(folder), "--workers", "0", "--threads", "1"])  # fmt: skip
+    assert code == 0
+    manifest = read_manifest(version_dir(root, read_current(root) or ""))
+    assert manifest["skipped"] == [] and manifest["counts"]["images"] == len(sizes)
+    with IndexVersion.open(root) as version:
+        assert all(version.image_by_id(name) is not None for name in sizes)
+        stored = version.reconstruct("images", range(version.image_count))
+        np.testing.assert_allclose(np.linalg.norm(stored, axis=1), 1.0, atol=1e-5)
+
+
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 # Every way the indexer can run the model: today torch, on the CPU in float32 or bfloat16 and
 # on a GPU. A new runtime (e.g. ONNX) gets a row here.

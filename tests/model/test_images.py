@@ -10,13 +10,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from model.backbone import image_processor_class
 from model.images import (
     CorruptImageError,
+    ImageError,
     NotAnImageError,
     TooManyPixelsError,
     UnsupportedFormatError,
     collate_pixels,
     open_image,
+    preprocess_image,
 )
 
 
@@ -118,3 +121,107 @@ def test_large_jpeg_decodes_at_reduced_scale_when_asked() -> None:
     reduced = open_image(photo, max_side=1024)
     assert min(reduced.size) >= 1024 and max(reduced.size) < 4000  # DCT-scaled, not full size
     assert open_image(photo).size == (4000, 3000)
+
+
+# (shortest_edge, size_divisor): the demo checkpoints' config and ViLT-B/32's.
+PROCESSOR_CONFIGS = [(64, 16), (384, 32)]
+
+
+def _processor(shortest_edge: int, size_divisor: int) -> object:
+    return image_processor_class()(size={"shortest_edge": shortest_edge}, size_divisor=size_divisor)
+
+
+def _random_image(width: int, height: int, seed: int = 0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def _processor_output(processor: object, image: Image.Image) -> np.ndarray:
+    """What transformers' ViLT processor gives for one image alone (no batch padding)."""
+    encoded = processor(images=[image], return_tensors="np")  # type: ignore[operator]
+    assert encoded["pixel_mask"].all()
+    return np.asarray(encoded["pixel_values"][0])
+
+
+@pytest.mark.parametrize(("shortest_edge", "size_divisor"), PROCESSOR_CONFIGS)
+@pytest.mark.parametrize(
+    "size", [(640, 480), (480, 640), (500, 333), (64, 64), (1, 1), (3, 2), (17, 101), (106, 16)]
+)
+def test_ordinary_images_preprocess_bit_identical_to_the_processor(
+    shortest_edge: int, size_divisor: int, size: tuple[int, int]
+) -> None:
+    """Recall figures of committed models depend on these pixels: they must not move."""
+    processor = _processor(shortest_edge, size_divisor)
+    image = _random_image(*size)
+    pixels = preprocess_image(processor, image)
+    expected = _processor_output(processor, image)
+    assert pixels.dtype == np.float32 and pixels.flags.c_contiguous
+    assert pixels.shape == expected.shape and np.array_equal(pixels, expected)
+
+
+def test_only_images_the_processor_cannot_resize_are_letterboxed() -> None:
+    """Around the limiting aspect ratio (~6.8:1 here) every size either matches the processor
+    bit for bit or is one the processor refuses (its short side rounds down to 0)."""
+    processor = _processor(64, 16)
+    landscapes = [(106, short) for short in range(12, 18)] + [(n, 1) for n in range(1, 10)]
+    letterboxed = 0
+    for width, height in landscapes + [(h, w) for w, h in landscapes]:
+        image = _random_image(width, height, seed=width + height)
+        pixels = preprocess_image(processor, image)
+        try:
+            expected = _processor_output(processor, image)
+        except ValueError:  # "Size must contain 'height' and 'width'": a side of 0
+            letterboxed += 1
+            assert sorted(pixels.shape[1:]) == [16, 96], (width, height, pixels.shape)
+        else:
+            assert np.array_equal(pixels, expected), (width, height)
+    assert 0 < letterboxed < 2 * len(landscapes)
+
+
+_EXTREME = [(700, 100), (256, 10), (1, 50), (50, 1), (1, 4000), (40_000, 1), (2000, 3)]
+
+
+@pytest.mark.parametrize(
+    ("shortest_edge", "size_divisor", "width", "height"),
+    # ViLT-B/32's processor itself handles up to ~20:1, so 700x100 only fails the demo's.
+    [(64, 16, w, h) for w, h in _EXTREME] + [(384, 32, w, h) for w, h in _EXTREME[1:]],
+)
+def test_any_aspect_ratio_becomes_a_letterboxed_band_of_one_patch(
+    shortest_edge: int, size_divisor: int, width: int, height: int
+) -> None:
+    processor = _processor(shortest_edge, size_divisor)
+    colour = (250, 10, 128)
+    image = Image.new("RGB", (width, height), colour)
+    with pytest.raises(ValueError):  # what happened before: a side of 0 pixels
+        _processor_output(processor, image)
+    pixels = preprocess_image(processor, image)
+    if width < height:
+        pixels = pixels.transpose(0, 2, 1)  # compare as a landscape band
+    longest = int(1333 / 800 * shortest_edge) // size_divisor * size_divisor  # 96 or 608
+    assert pixels.dtype == np.float32 and pixels.shape == (3, size_divisor, longest)
+    content_rows = np.flatnonzero(np.abs(pixels).sum(axis=(0, 2)) > 0)
+    # The content is centred and is the processor's normalisation of the colour...
+    top, bottom = content_rows[0], size_divisor - 1 - content_rows[-1]
+    assert len(content_rows) >= 1 and abs(top - bottom) <= 1
+    normalised = (np.array(colour, dtype=np.float32) / 255.0 - 0.5) / 0.5
+    content = pixels[:, content_rows, :]
+    np.testing.assert_allclose(
+        content, np.broadcast_to(normalised[:, None, None], content.shape), atol=0.02
+    )
+    # ...and the rest of the band is 0, the mean colour (what ViLT pads batches with).
+    assert not np.abs(np.delete(pixels, content_rows, axis=1)).any()
+
+
+def test_letterbox_keeps_the_aspect_ratio_of_the_content() -> None:
+    processor = _processor(64, 16)
+    pixels = preprocess_image(processor, Image.new("RGB", (700, 100), "white"))
+    content_rows = np.flatnonzero(np.abs(pixels).sum(axis=(0, 2)) > 0)
+    assert pixels.shape == (3, 16, 96) and len(content_rows) == round(100 * 96 / 700)  # 14
+    thin = preprocess_image(processor, Image.new("RGB", (1, 1000), "white"))
+    assert thin.shape == (3, 96, 16)
+    assert len(np.flatnonzero(np.abs(thin).sum(axis=(0, 1)) > 0)) == 1  # one column, not 16
+
+
+def test_an_image_without_pixels_is_refused() -> None:
+    with pytest.raises(ImageError, match="0x5"):
+        preprocess_image(_processor(64, 16), Image.new("RGB", (0, 5)))

@@ -74,6 +74,29 @@ def test_padding_does_not_change_an_image_encoding(tiny_model: VLDeformer) -> No
     np.testing.assert_allclose(alone, with_larger_neighbour, atol=1e-5)
 
 
+def test_extreme_aspect_ratios_encode_alone_and_beside_ordinary_images(
+    tiny_model: VLDeformer,
+) -> None:
+    """1xN, Nx1, banners and 1x1 images encode (the processor alone rounds a side to 0), and
+    batching them with ordinary images changes nobody's vector."""
+    extreme = [
+        Image.new("RGB", size, colour)
+        for size, colour in [
+            ((700, 100), "red"),
+            ((256, 10), "blue"),
+            ((1, 300), "green"),
+            ((300, 1), "white"),
+            ((1, 1), "black"),
+        ]
+    ]
+    images = _images(3, seed=11) + extreme
+    batched = tiny_model.encode_images(images, batch_size=len(images))
+    single = np.concatenate([tiny_model.encode_images([image]) for image in images])
+    assert np.isfinite(batched).all()
+    np.testing.assert_allclose(np.linalg.norm(batched, axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(batched, single, atol=1e-5)
+
+
 def test_save_load_round_trip_keeps_fingerprint_and_vectors(
     tiny_model: VLDeformer, tmp_path: Path
 ) -> None:

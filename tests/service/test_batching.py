@@ -216,23 +216,42 @@ def test_a_full_queue_rejects_at_once_and_counts_running_items() -> None:
     assert max(depths) == 3 and depths[-1] == 0
 
 
-def test_a_failing_batch_fails_its_items_and_the_batcher_keeps_going() -> None:
-    recorder = Recorder(fail_on=2)
+def test_a_poisoned_batch_answers_every_good_item_and_fails_only_the_bad_one() -> None:
+    """One bad item among 7 good: the batch fails, each item is retried alone, 7 answers."""
+    recorder = Recorder(fail_on=5)
 
     async def scenario() -> tuple[list[object], int]:
-        batcher = MicroBatcher("t", recorder, config(window_s=0.02))
+        batcher = MicroBatcher("t", recorder, config(window_s=0.05))
         await batcher.start()
         try:
             first = await asyncio.gather(
-                *(batcher.submit(i) for i in range(3)), return_exceptions=True
+                *(batcher.submit(i) for i in range(8)), return_exceptions=True
             )
             return first, await batcher.submit(7)
         finally:
             await batcher.stop()
 
     first, later = run(scenario())
-    assert all(isinstance(o, RuntimeError) for o in first)
-    assert later == 70
+    assert first[:5] + first[6:] == [0, 10, 20, 30, 40, 60, 70]
+    assert isinstance(first[5], RuntimeError) and "cannot process 5" in str(first[5])
+    assert recorder.batches[0] == list(range(8))  # one real batch, poisoned...
+    assert recorder.batches[1:9] == [[i] for i in range(8)]  # ...then each item alone
+    assert later == 70  # and the batcher keeps going
+
+
+def test_a_batch_returning_the_wrong_count_is_retried_item_by_item() -> None:
+    def short_by_one(items: Sequence[int]) -> list[int]:
+        return [item * 10 for item in items][: max(1, len(items) - 1)]
+
+    async def scenario() -> list[int]:
+        batcher = MicroBatcher("t", short_by_one, config())
+        await batcher.start()
+        try:
+            return await asyncio.gather(*(batcher.submit(i) for i in range(4)))
+        finally:
+            await batcher.stop()
+
+    assert run(scenario()) == [0, 10, 20, 30]
 
 
 def test_cancelled_items_are_skipped() -> None:

@@ -77,8 +77,8 @@ def test_every_endpoint_and_error_is_documented(tiny_model_env: TinyModelEnv) ->
         "/examples/query.png",
     }
     expected_errors = {
-        ("/search/images", "post"): {"400", "404", "413", "422", "503"},
-        ("/search/captions", "post"): {"400", "404", "413", "415", "422", "503"},
+        ("/search/images", "post"): {"400", "404", "413", "422", "500", "503"},
+        ("/search/captions", "post"): {"400", "404", "413", "415", "422", "500", "503"},
         ("/images/{image_id}", "get"): {"404", "503"},
         ("/readyz", "get"): {"503"},
         ("/admin/reload", "post"): {"401", "409", "503"},
