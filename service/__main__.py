@@ -2,7 +2,8 @@
 
 Settings come from ``VLD_*`` environment variables; the options below override them (every
 setting has one except the reload token, which stays in the environment, and test hooks).
-Exit codes: 0 clean shutdown, 1 start-up failed (model or paths), 2 invalid settings.
+Exit codes: 0 clean shutdown, 1 start-up failed (model or index), 2 a missing or invalid
+setting (one line on stderr naming its variable, no traceback).
 """
 
 from __future__ import annotations
@@ -15,7 +16,14 @@ from pathlib import Path
 import uvicorn
 
 from service.app import create_app
-from service.settings import Settings, SettingsError, env_name, load_settings
+from service.protocol import JsonErrorH11Protocol
+from service.settings import (
+    Settings,
+    SettingsError,
+    env_name,
+    load_settings,
+    require_serving_paths,
+)
 
 # Settings that have no option: secrets (a token on a command line shows in `ps` and shell
 # history) and test hooks. Every other setting has one.
@@ -71,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         settings = load_settings(**vars(args))
+        require_serving_paths(settings)  # before uvicorn, which would print a traceback
     except SettingsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -86,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         log_config=None,  # keep the root logging configured above
         access_log=False,
         timeout_graceful_shutdown=10,
+        http=JsonErrorH11Protocol,  # malformed HTTP answered in the JSON error shape
     )
     server = uvicorn.Server(config)
     try:

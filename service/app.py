@@ -16,6 +16,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 from PIL import Image
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from indexer.store import IndexVersion, read_current
 from service.batching import BatchingConfig, MicroBatcher
@@ -23,7 +24,7 @@ from service.errors import IndexRefused, install_error_handlers
 from service.index_holder import IndexHolder
 from service.metrics import MetricsMiddleware, ServiceMetrics
 from service.retrieval import Encoder, ImageSearch, TextSearch
-from service.routes import admin, health, images, pages, search
+from service.routes import admin, docs, health, images, pages, search
 from service.settings import Settings, SettingsError, load_settings, require_serving_paths
 from service.state import ServiceState, reload_served_index
 from service.uploads import BodySizeLimitMiddleware
@@ -184,6 +185,8 @@ def create_app(
             'error has the body `{"error": {"code", "message", "details"}}`.'
         ),
         lifespan=lifespan,
+        docs_url=None,  # served offline by routes/docs.py
+        redoc_url=None,
     )
     app.state.service = state
     install_error_handlers(app)
@@ -195,23 +198,38 @@ def create_app(
     if settings.reload_token is not None:
         app.include_router(admin.router)
     app.include_router(pages.router)
+    app.include_router(docs.build_router(app.title, app.openapi_url or "/openapi.json"))
+    app.mount(docs.ASSETS_PATH, docs.assets_app(), name="docs-assets")
     return app
+
+
+class _RefuseStartup:
+    """ASGI middleware that fails the lifespan start-up with one line (no traceback)."""
+
+    def __init__(self, app: ASGIApp, message: str) -> None:
+        self.app = app
+        self.message = message
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "lifespan":
+            await self.app(scope, receive, send)
+            return
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            # uvicorn logs this message alone, then "Application startup failed. Exiting."
+            await send({"type": "lifespan.startup.failed", "message": self.message})
 
 
 def _module_app() -> FastAPI:
     try:
-        return create_app()
+        settings = load_settings()
+        require_serving_paths(settings)
+        return create_app(settings)
     except SettingsError as exc:
-        # Importing must not fail on bad environment values; starting must.
-        logger.error("%s", exc)
-        error = exc
-
-        @asynccontextmanager
-        async def refuse(app: FastAPI) -> AsyncIterator[None]:
-            raise error
-            yield  # pragma: no cover - unreachable; makes this an async generator
-
-        return FastAPI(title="vldeformer (misconfigured)", lifespan=refuse)
+        # Importing must not fail on bad environment values; starting must, in one line.
+        misconfigured = FastAPI(title="vldeformer (misconfigured)")
+        misconfigured.add_middleware(_RefuseStartup, message=f"error: {exc}")
+        return misconfigured
 
 
 # `uvicorn service.app:app` — settings from the VLD_* environment, model loaded at start-up.

@@ -94,7 +94,6 @@ class ImageHit(BaseModel):
     rank: int = Field(ge=1, description="1 = best match.")
     id: str = Field(description="The gallery image id.")
     score: float = Field(description="Cosine similarity of query and image, -1..1.")
-    path: str = Field(description="The image file on the server, as the index lists it.")
     url: str = Field(description="Where to fetch the image: GET /images/{id}.")
     captions: list[str] = Field(description="Gallery captions linked to this image, if any.")
 
@@ -144,7 +143,7 @@ class ReloadResponse(BaseModel):
 
 def caption_request_body(max_k: int, raw_types: tuple[str, ...]) -> dict[str, Any]:
     """OpenAPI ``requestBody`` of ``POST /search/captions`` (parsed by hand: two encodings)."""
-    binary = {"type": "string", "format": "binary"}
+    binary = {"type": "string", "format": "binary", "minLength": 1}  # empty: 422
     k_schema = {
         "type": "integer",
         "minimum": 1,

@@ -48,6 +48,7 @@ RAW_IMAGE_TYPES: tuple[str, ...] = (
 # Uploads are shrunk to fit this square right after decoding (aspect ratio kept). ViLT's image
 # processor resizes to a 384-pixel short side and at most 640 pixels long side anyway.
 MAX_DECODED_SIDE = 1024
+_URLENCODED_FORM = "application/x-www-form-urlencoded"
 _INTEGER = re.compile(r"^-?[0-9]{1,9}$")
 
 
@@ -130,11 +131,16 @@ async def read_image_upload(request: Request) -> ImageUpload:
     """Read a multipart ``image`` part (+ optional ``k`` part) or a raw ``image/*`` body.
 
     Raises 415 for any other content type, 400 for a malformed multipart body, 422 when the
-    ``image`` part is missing. The body-size limit applies while reading.
+    ``image`` part is missing (a urlencoded form has none) or empty. The body-size limit
+    applies while reading.
     """
     media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if media_type in RAW_IMAGE_TYPES:
-        return ImageUpload(data=await request.body(), k_field=None)
+        return ImageUpload(data=_non_empty(await request.body(), "the request body"), k_field=None)
+    if media_type == _URLENCODED_FORM:
+        # What a client sends for a form whose file part was left out (e.g. only `k`): the
+        # problem is the missing image, not the encoding.
+        raise _missing_image_part(f"the {media_type} body has no 'image' file part")
     if media_type != "multipart/form-data":
         raise UnsupportedMediaType(
             f"Content-Type {media_type or '(none)'!r} is not accepted; send multipart/form-data "
@@ -147,11 +153,9 @@ async def read_image_upload(request: Request) -> ImageUpload:
     try:
         image = form.get("image")
         if image is None:
-            raise InvalidInput(
-                "the multipart body has no 'image' part",
-                details=[{"loc": ["body", "image"], "msg": "Field required", "type": "missing"}],
-            )
+            raise _missing_image_part("the multipart body has no 'image' part")
         data = await image.read() if isinstance(image, UploadFile) else image.encode()
+        _non_empty(data, "the 'image' part")
         k_value = form.get("k")
         if isinstance(k_value, UploadFile):
             k_field: str | None = (await k_value.read(32)).decode("utf-8", "replace")
@@ -160,6 +164,29 @@ async def read_image_upload(request: Request) -> ImageUpload:
         return ImageUpload(data=data, k_field=k_field)
     finally:
         await form.close()
+
+
+def _missing_image_part(message: str) -> InvalidInput:
+    return InvalidInput(
+        message,
+        details=[{"loc": ["body", "image"], "msg": "Field required", "type": "missing"}],
+    )
+
+
+def _non_empty(data: bytes, what: str) -> bytes:
+    """``data``, or 422 when it is empty (the schema says minLength: 1)."""
+    if not data:
+        raise InvalidInput(
+            f"{what} is empty; send the image's bytes",
+            details=[
+                {
+                    "loc": ["body", "image"],
+                    "msg": "String should have at least 1 byte",
+                    "type": "string_too_short",
+                }
+            ],
+        )
+    return data
 
 
 def parse_k_field(value: str, max_k: int) -> int:

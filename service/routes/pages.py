@@ -10,6 +10,9 @@ from fastapi import APIRouter
 from fastapi.responses import HTMLResponse, Response
 from PIL import Image, ImageDraw
 
+from service.deps import SettingsDep
+from service.settings import Settings
+
 router = APIRouter(tags=["pages"])
 _PAGE = Path(__file__).resolve().parent.parent / "static" / "index.html"
 
@@ -31,9 +34,24 @@ def example_png() -> bytes:
     return buffer.getvalue()
 
 
+def render_page(settings: Settings) -> str:
+    """The page with this deployment's limits in its inputs (``{{max_k}}``…), so the browser
+    refuses what the server would."""
+    limits = {
+        "max_k": settings.max_k,
+        "max_text_chars": settings.max_text_chars,
+        "text_k": min(12, settings.max_k),
+        "image_k": min(10, settings.max_k),
+    }
+    html = _page_html()
+    for name, value in limits.items():
+        html = html.replace("{{" + name + "}}", str(value))
+    return html
+
+
 @router.get("/", response_class=HTMLResponse, summary="The search page")
-async def index_page() -> HTMLResponse:
-    return HTMLResponse(_page_html(), headers={"Cache-Control": "no-cache"})
+async def index_page(settings: SettingsDep) -> HTMLResponse:
+    return HTMLResponse(render_page(settings), headers={"Cache-Control": "no-cache"})
 
 
 @router.get(

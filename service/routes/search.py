@@ -65,7 +65,6 @@ def build_router(settings: Settings) -> APIRouter:
                 rank=rank,
                 id=record.id,
                 score=score,
-                path=record.path,
                 url=image_url(request, record.id),
                 captions=list(record.captions),
             )

@@ -236,6 +236,29 @@ def test_the_web_page_in_a_real_browser(served: Served, tmp_path: Path) -> None:
                 "images => images.map(img => img.getAttribute('src'))"
             )
             assert f"/images/{served.captions[0]['image']}" in shown
+            # Each card shows its image's caption (not only a file name) and labels the score.
+            captions_of: dict[str, set[str]] = {}
+            for row in served.captions:
+                captions_of.setdefault(row["image"], set()).add(row["caption"])
+            cards = results.evaluate_all(
+                """items => items.map(item => ({
+                    src: item.querySelector('img').getAttribute('src'),
+                    caption: item.querySelector('.image-caption').innerText,
+                    text: item.querySelector('figcaption').innerText,
+                }))"""
+            )
+            for card in cards:
+                image_id = card["src"].rsplit("/", 1)[-1]
+                assert card["caption"].strip() in captions_of[image_id], card
+                assert "similarity" in card["text"], card
+            assert "cosine similarity" in page.inner_text("#score-help")
+            # Limits come from the server; a refused query shows the server's reason.
+            assert page.get_attribute("#text-query", "maxlength") == "1000"
+            assert page.get_attribute("#text-k", "max") == "100"
+            page.fill("#text-query", "   ")
+            page.click("#text-search")
+            page.wait_for_selector("#status.error")
+            assert "empty after trimming whitespace" in page.inner_text("#status")
 
             page.set_input_files("#image-file", str(picture))
             page.click("#image-search")

@@ -157,3 +157,14 @@ def test_the_page_is_served_and_self_contained(client: TestClient) -> None:
     assert "http://" not in html and "https://" not in html  # no CDN, no external fetch
     example = client.get("/examples/query.png")
     assert example.status_code == 200 and example.content.startswith(b"\x89PNG")
+
+
+def test_the_page_takes_its_limits_from_the_settings(
+    make_client: Callable[..., TestClient],
+) -> None:
+    html = make_client(max_k=7, max_text_chars=50).get("/").text
+    assert 'maxlength="50"' in html
+    assert html.count('max="7"') == 2  # both k inputs
+    assert 'value="7"' in html  # the default k never exceeds the limit
+    assert "{{" not in html and "}}" not in html
+    assert 'href="favicon.ico"' in html

@@ -153,12 +153,56 @@ def test_cli_exit_code_2_on_invalid_settings(
     assert "VLD_PORT" in capsys.readouterr().err
 
 
-def test_cli_exit_code_1_when_start_up_fails(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture
+def test_a_missing_or_bad_path_setting_is_one_line_and_exit_2(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.delenv("VLD_MODEL_DIR", raising=False)
-    assert main(["--index-root", str(tmp_path), "--port", "0"]) == 1
-    assert any("VLD_MODEL_DIR is not set" in record.getMessage() for record in caplog.records)
+    assert main(["--index-root", str(tmp_path), "--port", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith("error: VLD_MODEL_DIR is not set")
+    assert main(["--model-dir", str(tmp_path / "nope"), "--index-root", str(tmp_path)]) == 2
+    assert "VLD_MODEL_DIR=" in capsys.readouterr().err
+
+
+def test_cli_exit_code_1_when_start_up_fails(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    empty_model_dir = tmp_path / "model"
+    empty_model_dir.mkdir()
+    args = ["--model-dir", str(empty_model_dir), "--index-root", str(tmp_path), "--port", "0"]
+    assert main(args) == 1
+    assert any("start-up failed" in record.getMessage() for record in caplog.records)
+
+
+def test_the_module_level_app_fails_start_up_in_one_line_naming_the_setting(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`uvicorn service.app:app` with a bad setting: uvicorn logs the lifespan's message, so
+    it must be one line, not a traceback."""
+    import asyncio
+
+    from service.app import _module_app
+
+    monkeypatch.setenv("VLD_MAX_K", "0")
+    app = _module_app()
+    sent: list[dict[str, object]] = []
+
+    async def receive() -> dict[str, object]:
+        return {"type": "lifespan.startup"}
+
+    async def send(message: dict[str, object]) -> None:
+        sent.append(message)
+
+    asyncio.run(app({"type": "lifespan", "asgi": {"version": "3.0"}}, receive, send))
+    assert [m["type"] for m in sent] == ["lifespan.startup.failed"]
+    line = str(sent[0]["message"])
+    assert "\n" not in line and "Traceback" not in line and "VLD_MAX_K" in line
+    monkeypatch.delenv("VLD_MAX_K")
+    monkeypatch.delenv("VLD_MODEL_DIR", raising=False)
+    sent.clear()
+    asyncio.run(_module_app()({"type": "lifespan", "asgi": {"version": "3.0"}}, receive, send))
+    assert "VLD_MODEL_DIR is not set" in str(sent[0]["message"])
 
 
 def test_importing_the_module_level_app_loads_nothing() -> None:
