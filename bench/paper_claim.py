@@ -1,8 +1,8 @@
 """The paper's headline on the synthetic test split: decomposition is >1000x faster than early
 interaction at (almost) the same recall.
 
-    python bench/paper_claim.py                   # main rows + 3 ablations (~40 min, 2 CPU cores)
-    python bench/paper_claim.py --skip-ablations  # main rows (~20 min)
+    python bench/paper_claim.py                   # main rows + 3 ablations (~27 min, 2 CPU cores)
+    python bench/paper_claim.py --skip-ablations  # main rows (~14 min)
     python bench/paper_claim.py --smoke           # tiny data and models, seconds (CI)
 
 Rows: (i) early interaction — the teacher scores every caption-image pair (the paper's

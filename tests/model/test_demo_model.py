@@ -100,10 +100,11 @@ def test_committed_demo_models_match_their_recorded_fingerprints() -> None:
 
 
 # Regression floor for the demo model: text→image R@10 over the first 200 test images of the
-# demo split (1,000 captions). The committed model measured 99.9 there (R@1 73.3); 95 leaves
-# room for float noise across machines while a real regression (tokenizer, pooling, image
-# preprocessing) falls far below it.
+# demo split (1,000 captions). The committed model (v2) measured 100.0 there (R@1 88.0); 95
+# leaves room for float noise across machines while a real regression (tokenizer, pooling,
+# image preprocessing) falls far below it.
 DEMO_T2I_R10_FLOOR = 95.0
+DEMO_T2I_R1_FLOOR = 80.0  # measured 88.0; R@1 is what a binding or ranking regression hits first
 
 
 @pytest.mark.skipif(not _demo_present(), reason="the demo models are not built (make demo-model)")
@@ -115,4 +116,6 @@ def test_demo_model_recall_stays_above_its_floor(tmp_path: Path) -> None:
     keep = np.flatnonzero(caption_to_image < 200)
     model = VLDeformer.from_pretrained(DEMO / "decomposed")
     report = evaluate(model, images[:200], [captions[i] for i in keep], caption_to_image[keep])
-    assert report.results["decomposed"].metrics["t2i_r10"] >= DEMO_T2I_R10_FLOOR
+    metrics = report.results["decomposed"].metrics
+    assert metrics["t2i_r10"] >= DEMO_T2I_R10_FLOOR
+    assert metrics["t2i_r1"] >= DEMO_T2I_R1_FLOOR
