@@ -8,6 +8,7 @@ HOST       ?= 127.0.0.1
 PORT       ?= 8000
 DEMO_DIR   ?= data/demo
 DEMO_MODEL ?= model/assets/demo/decomposed
+DEMO_TEACHER ?= model/assets/demo/teacher
 PYTEST_ARGS ?=
 
 BIN := $(VENV)/bin
@@ -76,7 +77,7 @@ demo: demo-index  ## install, build the demo gallery and index, serve on http://
 	@echo "  curl -s -X POST http://$(HOST):$(PORT)/search/images -H 'Content-Type: application/json' -d '{\"text\": \"a red shape\", \"k\": 5}'"
 	@echo "  curl -s -X POST http://$(HOST):$(PORT)/search/captions -F image=@$$(ls $(DEMO_DIR)/images/*.png | head -1) -F k=5"
 	@echo ""
-	VLD_MODEL_DIR=$(DEMO_MODEL) VLD_INDEX_ROOT=data/index \
+	VLD_MODEL_DIR=$(DEMO_MODEL) VLD_TEACHER_DIR=$(DEMO_TEACHER) VLD_INDEX_ROOT=data/index \
 	VLD_HOST=$(HOST) VLD_PORT=$(PORT) $(BIN)/vldeformer-serve
 
 demo-model: install  ## retrain the committed demo teacher + decomposed model (~80 min on 2 CPU cores; resumes if interrupted)

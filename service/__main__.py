@@ -1,7 +1,7 @@
 """``python -m service`` / ``vldeformer-serve``: run the API under uvicorn.
 
 Settings come from ``VLD_*`` environment variables; the options below override them (every
-setting has one except the reload token, which stays in the environment, and test hooks).
+setting has one except the reload token, which stays in the environment).
 Exit codes: 0 clean shutdown, 1 start-up failed (model or index), 2 a missing or invalid
 setting (one line on stderr naming its variable, no traceback).
 """
@@ -26,8 +26,8 @@ from service.settings import (
 )
 
 # Settings that have no option: secrets (a token on a command line shows in `ps` and shell
-# history) and test hooks. Every other setting has one.
-ENV_ONLY_SETTINGS = frozenset({"reload_token", "encode_delay_s"})
+# history). Every other setting has one.
+ENV_ONLY_SETTINGS = frozenset({"reload_token"})
 
 
 def _help(field: str) -> str:
@@ -49,6 +49,8 @@ def _parser() -> argparse.ArgumentParser:
         ("model_dir", Path),
         ("index_root", Path),
         ("teacher_dir", Path),
+        ("rerank_default", None),  # --rerank-default / --no-rerank-default
+        ("rerank_cache_size", int),
         ("device", str),
         ("torch_threads", int),
         ("host", str),

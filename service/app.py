@@ -1,8 +1,9 @@
-"""The FastAPI application: ``create_app(settings)`` and the module-level ``app`` for uvicorn.
+"""The FastAPI application: ``create_app(settings)``, and ``app_from_env`` for uvicorn.
 
-Building the app reads settings only; the lifespan hook loads the model and the published
-index, starts one micro-batcher per modality and, if configured, polls ``CURRENT``. Importing
-this module loads no model, so ``uvicorn service.app:app`` and tests stay cheap to import.
+Building the app reads settings only; the lifespan hook loads the model, the teacher (if
+configured) and the published index, starts one micro-batcher per modality and, if configured,
+polls ``CURRENT``. Importing this module builds nothing: there is no module-level app; run
+``uvicorn --factory service.app:app_from_env`` (or ``vldeformer-serve``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
+import numpy as np
 from fastapi import FastAPI
 from PIL import Image
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -23,7 +25,8 @@ from service.batching import BatchingConfig, MicroBatcher
 from service.errors import IndexRefused, install_error_handlers
 from service.index_holder import IndexHolder
 from service.metrics import MetricsMiddleware, ServiceMetrics
-from service.retrieval import Encoder, ImageSearch, TextSearch
+from service.rerank import Reranker, load_reranker
+from service.retrieval import EncodeBatch, Encoder, InputT, image_encoder, text_encoder
 from service.routes import admin, docs, health, images, pages, search
 from service.settings import Settings, SettingsError, load_settings, require_serving_paths
 from service.state import ServiceState, reload_served_index
@@ -32,6 +35,7 @@ from service.uploads import BodySizeLimitMiddleware
 logger = logging.getLogger(__name__)
 
 EncoderLoader = Callable[[Settings], Encoder]
+RerankerLoader = Callable[[Settings], Reranker]
 
 
 def load_model(settings: Settings) -> Encoder:
@@ -47,6 +51,36 @@ def load_model(settings: Settings) -> Encoder:
     return model
 
 
+def load_teacher(settings: Settings) -> Reranker:
+    """The early-interaction teacher from ``settings.teacher_dir``, wrapped as a re-ranker."""
+    assert settings.teacher_dir is not None
+    return load_reranker(
+        settings.teacher_dir,
+        device=settings.device,
+        cache_size=settings.rerank_cache_size,
+        max_image_pixels=settings.max_image_pixels,
+    )
+
+
+async def _start_reranker(state: ServiceState, load: RerankerLoader) -> None:
+    """Load the teacher if one is configured; a failure leaves the service without re-ranking."""
+    teacher_dir = state.settings.teacher_dir
+    if teacher_dir is None:
+        return
+    try:
+        reranker = await asyncio.to_thread(load, state.settings)
+    except Exception as exc:
+        state.rerank_problem = f"the teacher at {teacher_dir} failed to load: {exc}"
+        logger.error("serving WITHOUT re-ranking: %s", state.rerank_problem)
+        return
+    state.reranker, state.rerank_problem = reranker, None
+    logger.info(
+        "teacher loaded from %s for re-ranking (fingerprint %s…)",
+        teacher_dir,
+        reranker.fingerprint[:12],
+    )
+
+
 def _batching_config(settings: Settings) -> BatchingConfig:
     window_s = settings.batch_window_ms / 1000.0
     return BatchingConfig(
@@ -55,6 +89,19 @@ def _batching_config(settings: Settings) -> BatchingConfig:
         max_wait_s=max(window_s, settings.batch_max_wait_ms / 1000.0),
         capacity=settings.queue_size,
         retry_after_s=settings.retry_after_s,
+    )
+
+
+def _encoder_batcher(
+    process: EncodeBatch[InputT], config: BatchingConfig, metrics: ServiceMetrics
+) -> MicroBatcher[InputT, np.ndarray]:
+    """The micro-batcher of one encoder, with its queue metrics."""
+    return MicroBatcher(
+        process.modality,
+        process,
+        config,
+        on_depth=metrics.queue_depth.labels(process.modality).set,
+        on_reject=metrics.rejected.labels(process.modality).inc,
     )
 
 
@@ -80,7 +127,9 @@ async def _poll_current(state: ServiceState, interval_s: float) -> None:
             logger.exception("polling %s/CURRENT failed", holder.root)
 
 
-async def _start(state: ServiceState, load_encoder: EncoderLoader) -> None:
+async def _start(
+    state: ServiceState, load_encoder: EncoderLoader, load_reranker: RerankerLoader
+) -> None:
     settings = state.settings
     try:
         _, index_root = require_serving_paths(settings)
@@ -91,8 +140,6 @@ async def _start(state: ServiceState, load_encoder: EncoderLoader) -> None:
         raise
     await asyncio.to_thread(_warm_up, encoder)
     state.encoder = encoder
-    if settings.teacher_dir is not None:
-        logger.info("VLD_TEACHER_DIR is set; this service does not re-rank with the teacher")
     logger.info(
         "model loaded from %s in %.1f s (dim %d, fingerprint %s…)",
         settings.model_dir,
@@ -100,6 +147,8 @@ async def _start(state: ServiceState, load_encoder: EncoderLoader) -> None:
         encoder.embedding_dim,
         encoder.fingerprint[:12],
     )
+
+    await _start_reranker(state, load_reranker)
 
     def on_swap(index: IndexVersion) -> None:
         state.metrics.set_index(index.version, index.image_count, index.caption_count)
@@ -109,20 +158,9 @@ async def _start(state: ServiceState, load_encoder: EncoderLoader) -> None:
     )
     config = _batching_config(settings)
     metrics = state.metrics
-    state.text_batcher = MicroBatcher(
-        "text",
-        TextSearch(encoder, metrics, delay_s=settings.encode_delay_s),
-        config,
-        on_depth=metrics.queue_depth.labels("text").set,
-        on_reject=metrics.rejected.labels("text").inc,
-    )
-    state.image_batcher = MicroBatcher(
-        "image",
-        ImageSearch(encoder, metrics, delay_s=settings.encode_delay_s),
-        config,
-        on_depth=metrics.queue_depth.labels("image").set,
-        on_reject=metrics.rejected.labels("image").inc,
-    )
+    # One micro-batcher per encoder; a new query kind reuses one of them.
+    state.text_batcher = _encoder_batcher(text_encoder(encoder, metrics), config, metrics)
+    state.image_batcher = _encoder_batcher(image_encoder(encoder, metrics), config, metrics)
     await state.text_batcher.start()
     await state.image_batcher.start()
     try:
@@ -146,21 +184,26 @@ async def _stop(state: ServiceState) -> None:
 
 
 def create_app(
-    settings: Settings | None = None, *, load_encoder: EncoderLoader | None = None
+    settings: Settings | None = None,
+    *,
+    load_encoder: EncoderLoader | None = None,
+    load_reranker: RerankerLoader | None = None,
 ) -> FastAPI:
     """Build the app. Nothing heavy happens here; the lifespan loads the model and index.
 
-    ``load_encoder`` replaces :func:`load_model` (tests pass a fake or a slowed-down model).
+    ``load_encoder`` replaces :func:`load_model` and ``load_reranker`` :func:`load_teacher`
+    (tests pass fakes); the teacher is loaded only when ``settings.teacher_dir`` is set.
     """
     settings = settings if settings is not None else load_settings()
     metrics = ServiceMetrics()
     state = ServiceState(settings=settings, metrics=metrics)
     loader = load_encoder or load_model
+    reranker_loader = load_reranker or load_teacher
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state.started_at = time.monotonic()
-        await _start(state, loader)
+        await _start(state, loader, reranker_loader)
         poller = (
             asyncio.create_task(_poll_current(state, settings.poll_interval_s))
             if settings.poll_interval_s > 0
@@ -220,7 +263,12 @@ class _RefuseStartup:
             await send({"type": "lifespan.startup.failed", "message": self.message})
 
 
-def _module_app() -> FastAPI:
+def app_from_env() -> FastAPI:
+    """The app with settings from the ``VLD_*`` environment, for ``uvicorn --factory``.
+
+    Bad settings do not raise here (uvicorn would print a traceback): the returned app fails
+    its lifespan start-up with one line naming the variable to fix.
+    """
     try:
         settings = load_settings()
         require_serving_paths(settings)
@@ -230,7 +278,3 @@ def _module_app() -> FastAPI:
         misconfigured = FastAPI(title="vldeformer (misconfigured)")
         misconfigured.add_middleware(_RefuseStartup, message=f"error: {exc}")
         return misconfigured
-
-
-# `uvicorn service.app:app` — settings from the VLD_* environment, model loaded at start-up.
-app = _module_app()

@@ -5,13 +5,15 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Annotated
 
+import numpy as np
 from fastapi import Depends, Request
+from PIL import Image
 
-from indexer.store import CaptionRecord, ImageRecord, IndexVersion
+from indexer.store import IndexVersion
 from service.batching import MicroBatcher
 from service.errors import NotReady
 from service.metrics import ServiceMetrics
-from service.retrieval import ImageQuery, Neighbours, TextQuery
+from service.rerank import Reranker
 from service.settings import Settings
 from service.state import ServiceState
 
@@ -42,24 +44,26 @@ async def leased_index(state: StateDep) -> AsyncIterator[IndexVersion]:
         yield index
 
 
-async def get_text_batcher(state: StateDep) -> MicroBatcher[TextQuery, Neighbours[ImageRecord]]:
+async def get_text_batcher(state: StateDep) -> MicroBatcher[str, np.ndarray]:
     if state.text_batcher is None:
         raise NotReady("the text encoder is not running")
     return state.text_batcher
 
 
-async def get_image_batcher(state: StateDep) -> MicroBatcher[ImageQuery, Neighbours[CaptionRecord]]:
+async def get_image_batcher(state: StateDep) -> MicroBatcher[Image.Image, np.ndarray]:
     if state.image_batcher is None:
         raise NotReady("the image encoder is not running")
     return state.image_batcher
 
 
+async def get_reranker(state: StateDep) -> Reranker | None:
+    """The loaded teacher's re-ranker, or None when re-ranking is unavailable."""
+    return state.reranker
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 MetricsDep = Annotated[ServiceMetrics, Depends(get_metrics)]
 IndexDep = Annotated[IndexVersion, Depends(leased_index)]
-TextBatcherDep = Annotated[
-    MicroBatcher[TextQuery, Neighbours[ImageRecord]], Depends(get_text_batcher)
-]
-ImageBatcherDep = Annotated[
-    MicroBatcher[ImageQuery, Neighbours[CaptionRecord]], Depends(get_image_batcher)
-]
+TextBatcherDep = Annotated[MicroBatcher[str, np.ndarray], Depends(get_text_batcher)]
+ImageBatcherDep = Annotated[MicroBatcher[Image.Image, np.ndarray], Depends(get_image_batcher)]
+RerankerDep = Annotated[Reranker | None, Depends(get_reranker)]

@@ -54,7 +54,14 @@ class ServiceMetrics:
         )
         self.search_seconds = Histogram(
             "vld_search_seconds",
-            "One index search (a whole batch).",
+            "One query's index search and record look-up.",
+            ["modality"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.rerank_seconds = Histogram(
+            "vld_rerank_seconds",
+            "Teacher re-ranking of one query's shortlist (pixels and forward passes).",
             ["modality"],
             buckets=_LATENCY_BUCKETS,
             registry=r,

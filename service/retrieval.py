@@ -1,8 +1,13 @@
-"""The two query pipelines the batchers run: encode a batch, then search it, off the event loop.
+"""The query path as stages: encode → search → (re-rank, see :mod:`service.rerank`) → hydrate.
 
-A text query searches the image index; an image query searches the caption index. Each query
-carries the :class:`indexer.store.IndexVersion` it leased when it arrived, so a batch that
-straddles a hot reload searches each query in the version it started with.
+- **encode**: :class:`EncodeBatch` is the one micro-batcher processor per encoder: a batch of
+  inputs in, one unit vector per input out, in a single forward pass.
+- **search**: :func:`search` looks a query vector up in the index its :class:`Target` names.
+- **hydrate**: :func:`hydrate` turns hits into :class:`Scored` records from the index metadata.
+
+A route composes them in order; a new query kind (say image → images) is one route naming an
+encoder and a target. Every stage runs in the index version the request leased, so a query
+that straddles a hot reload is answered from the version it started with.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from service.errors import BadRequest, EncodeFailed, ModalityMissing
 from service.metrics import ServiceMetrics
 
 RecordT = TypeVar("RecordT", ImageRecord, CaptionRecord)
-QueryT = TypeVar("QueryT", "TextQuery", "ImageQuery")
+InputT = TypeVar("InputT", str, Image.Image)
 
 
 class Encoder(Protocol):
@@ -38,79 +43,24 @@ class Encoder(Protocol):
     def encode_images(self, images: list[Image.Image], batch_size: int = ...) -> np.ndarray: ...
 
 
-@dataclass(frozen=True)
-class TextQuery:
-    text: str
-    k: int
-    index: IndexVersion
+class EncodeBatch(Generic[InputT]):
+    """Encode stage, run by a micro-batcher: inputs → float32 unit vectors ``(D,)``, one pass."""
 
-
-@dataclass(frozen=True)
-class ImageQuery:
-    image: Image.Image
-    k: int
-    index: IndexVersion
-
-
-@dataclass(frozen=True)
-class Neighbours(Generic[RecordT]):
-    """One query's hits, best first: cosine ``scores`` and the matching ``records``."""
-
-    scores: list[float]
-    records: list[RecordT]
-
-
-def _search_groups(
-    xq: np.ndarray,  # (B, D) float32 unit rows
-    ks: Sequence[int],
-    indexes: Sequence[IndexVersion],
-    search: Callable[[IndexVersion, np.ndarray, int], tuple[np.ndarray, np.ndarray]],
-    records: Callable[[IndexVersion, list[int]], list[RecordT]],
-) -> list[Neighbours[RecordT]]:
-    """Search each query in its own index version: one search call per distinct version."""
-    out: list[Neighbours[RecordT] | None] = [None] * len(ks)
-    groups: dict[int, list[int]] = {}
-    for position, index in enumerate(indexes):
-        groups.setdefault(id(index), []).append(position)
-    for positions in groups.values():
-        index = indexes[positions[0]]
-        k = max(ks[p] for p in positions)
-        distances, rows = search(index, np.ascontiguousarray(xq[positions]), k)  # (b, k)
-        for j, position in enumerate(positions):
-            keep = [c for c in range(ks[position]) if rows[j, c] >= 0]  # -1 = fewer than k
-            found = records(index, [int(rows[j, c]) for c in keep])
-            out[position] = Neighbours([float(distances[j, c]) for c in keep], found)
-    return [neighbours for neighbours in out if neighbours is not None]
-
-
-class _BatchSearch(Generic[QueryT, RecordT]):
-    """Batch processor: encode a batch of queries in one forward pass, then search each query
-    in the index version it leased. Subclasses name the modality and the target index."""
-
-    modality: str  # metrics label: "text" or "image"
-    target: str  # what the searched index holds, for the error message
-
-    def __init__(self, encoder: Encoder, metrics: ServiceMetrics, *, delay_s: float = 0.0) -> None:
-        self.encoder = encoder
+    def __init__(
+        self,
+        modality: str,  # metrics label and error wording: "text" or "image"
+        encode: Callable[[list[InputT], int], np.ndarray],  # (inputs, batch size) → (B, D)
+        metrics: ServiceMetrics,
+    ) -> None:
+        self.modality = modality
+        self.encode: Callable[[list[InputT], int], np.ndarray] = encode
         self.metrics = metrics
-        self.delay_s = delay_s
 
-    def encode(self, queries: Sequence[QueryT]) -> np.ndarray:
-        raise NotImplementedError
-
-    def search(self, index: IndexVersion, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        raise NotImplementedError
-
-    def records(self, index: IndexVersion, rows: list[int]) -> list[RecordT]:
-        raise NotImplementedError
-
-    def __call__(self, queries: Sequence[QueryT]) -> list[Neighbours[RecordT]]:
-        self.metrics.batch_size.labels(self.modality).observe(len(queries))
+    def __call__(self, inputs: Sequence[InputT]) -> list[np.ndarray]:
+        self.metrics.batch_size.labels(self.modality).observe(len(inputs))
         started = time.perf_counter()
-        if self.delay_s:
-            time.sleep(self.delay_s)
         try:
-            xq = self.encode(queries)
+            xq = self.encode(list(inputs), len(inputs))  # (B, D)
         except ImageError as exc:  # preprocessing refused the input itself
             raise BadRequest(f"cannot encode the image: {exc}", code=exc.reason) from exc
         except Exception as exc:
@@ -119,42 +69,106 @@ class _BatchSearch(Generic[QueryT, RecordT]):
                 f"the {self.modality} encoder failed on this query ({type(exc).__name__})"
             ) from exc
         self.metrics.encode_seconds.labels(self.modality).observe(time.perf_counter() - started)
-        started = time.perf_counter()
-        try:
-            return _search_groups(
-                xq, [q.k for q in queries], [q.index for q in queries], self.search, self.records
-            )
-        except ModalityMissingError as exc:
-            raise ModalityMissing(f"the served index has no {self.target} vectors: {exc}") from exc
-        finally:
-            self.metrics.search_seconds.labels(self.modality).observe(time.perf_counter() - started)
+        return [np.ascontiguousarray(row, dtype=np.float32) for row in xq]
 
 
-class TextSearch(_BatchSearch[TextQuery, ImageRecord]):
-    """Texts → text vectors → nearest gallery images."""
-
-    modality, target = "text", "image"
-
-    def encode(self, queries: Sequence[TextQuery]) -> np.ndarray:
-        return self.encoder.encode_text([q.text for q in queries], batch_size=len(queries))
-
-    def search(self, index: IndexVersion, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        return index.search_images(xq, k)
-
-    def records(self, index: IndexVersion, rows: list[int]) -> list[ImageRecord]:
-        return index.image_records(rows)
+def text_encoder(encoder: Encoder, metrics: ServiceMetrics) -> EncodeBatch[str]:
+    return EncodeBatch("text", lambda texts, n: encoder.encode_text(texts, batch_size=n), metrics)
 
 
-class ImageSearch(_BatchSearch[ImageQuery, CaptionRecord]):
-    """Decoded images → image vectors → nearest gallery captions."""
+def image_encoder(encoder: Encoder, metrics: ServiceMetrics) -> EncodeBatch[Image.Image]:
+    return EncodeBatch(
+        "image", lambda images, n: encoder.encode_images(images, batch_size=n), metrics
+    )
 
-    modality, target = "image", "caption"
 
-    def encode(self, queries: Sequence[ImageQuery]) -> np.ndarray:
-        return self.encoder.encode_images([q.image for q in queries], batch_size=len(queries))
+@dataclass(frozen=True)
+class Target(Generic[RecordT]):
+    """An index a query searches: how to search it, count it and read its records."""
 
-    def search(self, index: IndexVersion, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        return index.search_captions(xq, k)
+    name: str  # what the index holds, for messages: "gallery image" or "caption"
+    search: Callable[[IndexVersion, np.ndarray, int], tuple[np.ndarray, np.ndarray]]
+    records: Callable[[IndexVersion, Sequence[int]], list[RecordT]]
+    count: Callable[[IndexVersion], int]
 
-    def records(self, index: IndexVersion, rows: list[int]) -> list[CaptionRecord]:
-        return index.caption_records(rows)
+
+IMAGES: Target[ImageRecord] = Target(
+    "gallery image",
+    search=lambda index, xq, k: index.search_images(xq, k),
+    records=lambda index, rows: index.image_records(rows),
+    count=lambda index: index.image_count,
+)
+CAPTIONS: Target[CaptionRecord] = Target(
+    "caption",
+    search=lambda index, xq, k: index.search_captions(xq, k),
+    records=lambda index, rows: index.caption_records(rows),
+    count=lambda index: index.caption_count,
+)
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One search result: its faiss row and cosine similarity to the query."""
+
+    row: int
+    retrieval_score: float
+
+
+@dataclass(frozen=True)
+class Scored(Generic[RecordT]):
+    """A hydrated result: its record, its cosine and, once re-ranked, the teacher's logit."""
+
+    record: RecordT
+    retrieval_score: float
+    teacher_score: float | None = None
+
+    @property
+    def score(self) -> float:
+        """The final score: the teacher's logit when re-ranked, otherwise the cosine."""
+        return self.teacher_score if self.teacher_score is not None else self.retrieval_score
+
+
+def require_target(index: IndexVersion, target: Target[RecordT]) -> None:
+    """Refuse a query (before it is encoded) whose target index is empty in this version."""
+    if target.count(index) == 0:
+        raise ModalityMissing(f"index version {index.version} has no {target.name}s")
+
+
+def search(
+    index: IndexVersion,
+    target: Target[RecordT],
+    xq: np.ndarray,  # (D,) float32 unit vector
+    k: int,
+    metrics: ServiceMetrics,
+    modality: str,
+) -> list[Hit]:
+    """Search stage: the ``k`` nearest rows of ``target`` in ``index``, best first (blocking)."""
+    started = time.perf_counter()
+    try:
+        distances, rows = target.search(index, np.ascontiguousarray(xq[None]), k)  # (1, k)
+    except ModalityMissingError as exc:
+        raise ModalityMissing(f"the served index has no {target.name} vectors: {exc}") from exc
+    finally:
+        metrics.search_seconds.labels(modality).observe(time.perf_counter() - started)
+    # -1 = fewer than k rows in the index
+    return [Hit(int(r), float(d)) for d, r in zip(distances[0], rows[0], strict=True) if r >= 0]
+
+
+def hydrate(
+    index: IndexVersion, target: Target[RecordT], hits: Sequence[Hit]
+) -> list[Scored[RecordT]]:
+    """Hydrate stage: each hit's record from the index metadata, in the hits' order (blocking)."""
+    records = target.records(index, [hit.row for hit in hits])
+    return [Scored(record, hit.retrieval_score) for record, hit in zip(records, hits, strict=True)]
+
+
+def retrieve(
+    index: IndexVersion,
+    target: Target[RecordT],
+    xq: np.ndarray,
+    k: int,
+    metrics: ServiceMetrics,
+    modality: str,
+) -> list[Scored[RecordT]]:
+    """Search then hydrate, in one call so a route runs both in one worker-thread hop."""
+    return hydrate(index, target, search(index, target, xq, k, metrics, modality))

@@ -8,6 +8,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 
+from service.rerank import DEFAULT_RERANK_K, MAX_RERANK_K
+
 # Python's str.isspace() set, spelled out so the OpenAPI pattern means the same in every
 # regex engine a client or fuzzer may use (\s differs between Python, ECMA and Rust).
 _SPACE = (
@@ -31,8 +33,10 @@ class TextQueryBase(BaseModel):
 
     text: str
     k: int
+    rerank: bool
+    rerank_k: int
 
-    @field_validator("k", mode="before")
+    @field_validator("k", "rerank_k", mode="before")
     @classmethod
     def _integral_float_is_an_integer(cls, value: Any) -> Any:
         # JSON Schema counts 97.0 as an integer; 97.5, "97" and true stay invalid.
@@ -56,7 +60,20 @@ def _text_trimmer(max_text_chars: int) -> Callable[[type[BaseModel], str], str]:
     return trim_text
 
 
-def text_search_request_model(max_k: int, max_text_chars: int) -> type[TextQueryBase]:
+RERANK_DESCRIPTION = (
+    "Re-rank the shortlist with the early-interaction teacher, which scores each (text, image) "
+    "pair jointly. If the service has no teacher (none configured, or it failed to load: see "
+    "/readyz), the results come back in retrieval order with `reranked: false`; not an error."
+)
+RERANK_K_DESCRIPTION = (
+    f"Shortlist size the teacher re-scores, 1 to {MAX_RERANK_K}. The best `rerank_k` by cosine "
+    "are re-ordered by the teacher; if k is larger, the rest follow in retrieval order."
+)
+
+
+def text_search_request_model(
+    max_k: int, max_text_chars: int, *, rerank_default: bool = False
+) -> type[TextQueryBase]:
     """The body of ``POST /search/images`` with this deployment's limits in its schema."""
     model = create_model(
         "TextSearchRequest",
@@ -86,6 +103,11 @@ def text_search_request_model(max_k: int, max_text_chars: int) -> type[TextQuery
                 description=f"How many images to return, 1 to {max_k}.",
             ),
         ),
+        rerank=(bool, Field(rerank_default, description=RERANK_DESCRIPTION)),
+        rerank_k=(
+            int,
+            Field(DEFAULT_RERANK_K, ge=1, le=MAX_RERANK_K, description=RERANK_K_DESCRIPTION),
+        ),
     )
     return model
 
@@ -93,7 +115,11 @@ def text_search_request_model(max_k: int, max_text_chars: int) -> type[TextQuery
 class ImageHit(BaseModel):
     rank: int = Field(ge=1, description="1 = best match.")
     id: str = Field(description="The gallery image id.")
-    score: float = Field(description="Cosine similarity of query and image, -1..1.")
+    score: float = Field(
+        description="The final score: the teacher's matching logit when re-ranked (unbounded, "
+        "higher = better), otherwise the cosine similarity."
+    )
+    retrieval_score: float = Field(description="Cosine similarity of query and image, -1..1.")
     url: str = Field(description="Where to fetch the image: GET /images/{id}.")
     captions: list[str] = Field(description="Gallery captions linked to this image, if any.")
 
@@ -103,13 +129,20 @@ class ImageSearchResponse(BaseModel):
     k: int = Field(description="The k asked for.")
     took_ms: float = Field(ge=0, description="Server time for this request, milliseconds.")
     index_version: str = Field(description="The index version that answered.")
+    reranked: bool = Field(description="Whether the teacher re-ranked these results.")
 
 
 class CaptionHit(BaseModel):
     rank: int = Field(ge=1, description="1 = best match.")
     id: str = Field(description="The caption id.")
     caption: str
-    score: float = Field(description="Cosine similarity of query image and caption, -1..1.")
+    score: float = Field(
+        description="The final score: the teacher's matching logit when re-ranked (unbounded, "
+        "higher = better), otherwise the cosine similarity."
+    )
+    retrieval_score: float = Field(
+        description="Cosine similarity of query image and caption, -1..1."
+    )
     image_id: str | None = Field(description="The gallery image this caption describes, if any.")
 
 
@@ -118,6 +151,7 @@ class CaptionSearchResponse(BaseModel):
     k: int = Field(description="The k asked for.")
     took_ms: float = Field(ge=0, description="Server time for this request, milliseconds.")
     index_version: str = Field(description="The index version that answered.")
+    reranked: bool = Field(description="Whether the teacher re-ranked these results.")
 
 
 class HealthResponse(BaseModel):
@@ -131,6 +165,13 @@ class ReadyResponse(BaseModel):
     embedding_dim: int
     image_count: int
     caption_count: int
+    rerank_available: bool = Field(description="Whether a teacher is loaded to re-rank.")
+    teacher_fingerprint: str | None = Field(
+        description="sha256 of the teacher's model.safetensors, when loaded."
+    )
+    rerank_problem: str | None = Field(
+        description="Why re-ranking is unavailable (not configured, or the load error)."
+    )
 
 
 class ReloadResponse(BaseModel):

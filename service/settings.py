@@ -1,8 +1,8 @@
 """Service settings: environment variables with the ``VLD_`` prefix, validated at start-up.
 
 Every error names the environment variable to fix (``VLD_MAX_K``…), because that is what an
-operator sets. ``model_dir`` and ``index_root`` are optional here so that ``service.app:app``
-imports without them; :func:`require_serving_paths` enforces them when the service starts.
+operator sets. ``model_dir`` and ``index_root`` are optional here so that an app can be built
+without them; :func:`require_serving_paths` enforces them when the service starts.
 """
 
 from __future__ import annotations
@@ -33,7 +33,17 @@ class Settings(BaseSettings):
     index_root: Path | None = Field(None, description="Index root the indexer publishes into.")
     teacher_dir: Path | None = Field(
         None,
-        description="Early-interaction teacher checkpoint (accepted; re-ranking is not served).",
+        description="Early-interaction teacher checkpoint (ViLT with its retrieval head) that "
+        "re-ranks shortlists; unset = no re-ranking.",
+    )
+    rerank_default: bool = Field(
+        False, description="Re-rank a query that does not say (needs VLD_TEACHER_DIR)."
+    )
+    rerank_cache_size: int = Field(
+        1024,
+        ge=1,
+        le=1_000_000,
+        description="Gallery images whose preprocessed pixels the re-ranker keeps (LRU).",
     )
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N or mps.")
     torch_threads: int | None = Field(
@@ -90,10 +100,7 @@ class Settings(BaseSettings):
         True, description="Check the published version's checksums and self-query at start-up."
     )
 
-    # Test and operations hooks.
-    encode_delay_s: float = Field(
-        0.0, ge=0.0, le=60.0, description="Test hook: sleep this long in every encoding batch."
-    )
+    # Operations.
     log_level: str = Field("info", description="critical, error, warning, info or debug.")
 
     @field_validator("device")

@@ -6,25 +6,30 @@ import asyncio
 import time
 from dataclasses import dataclass, field
 
-from indexer.store import CaptionRecord, ImageRecord
+import numpy as np
+from PIL import Image
+
 from service.batching import MicroBatcher
 from service.errors import IndexRefused, NotReady
 from service.index_holder import IndexHolder, IndexRejectedError, ReloadOutcome
 from service.metrics import ServiceMetrics
-from service.retrieval import Encoder, ImageQuery, Neighbours, TextQuery
+from service.rerank import Reranker
+from service.retrieval import Encoder
 from service.settings import Settings
 
 
 @dataclass
 class ServiceState:
-    """The loaded model, the served index and the two batchers of one running app."""
+    """The loaded model, the served index, one micro-batcher per encoder and the re-ranker."""
 
     settings: Settings
     metrics: ServiceMetrics
     encoder: Encoder | None = None
     holder: IndexHolder | None = None
-    text_batcher: MicroBatcher[TextQuery, Neighbours[ImageRecord]] | None = None
-    image_batcher: MicroBatcher[ImageQuery, Neighbours[CaptionRecord]] | None = None
+    text_batcher: MicroBatcher[str, np.ndarray] | None = None
+    image_batcher: MicroBatcher[Image.Image, np.ndarray] | None = None
+    reranker: Reranker | None = None
+    rerank_problem: str | None = "no teacher is configured (VLD_TEACHER_DIR is unset)"
     started_at: float = field(default_factory=time.monotonic)
     ready_at: float | None = None
 

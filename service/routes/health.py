@@ -38,6 +38,9 @@ async def readyz(state: StateDep) -> ReadyResponse:
         embedding_dim=encoder.embedding_dim,
         image_count=index.image_count,
         caption_count=index.caption_count,
+        rerank_available=state.reranker is not None,
+        teacher_fingerprint=state.reranker.fingerprint if state.reranker is not None else None,
+        rerank_problem=state.rerank_problem,
     )
 
 

@@ -42,6 +42,7 @@ def render_page(settings: Settings) -> str:
         "max_text_chars": settings.max_text_chars,
         "text_k": min(12, settings.max_k),
         "image_k": min(10, settings.max_k),
+        "rerank_checked": "checked" if settings.rerank_default else "",
     }
     html = _page_html()
     for name, value in limits.items():

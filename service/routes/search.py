@@ -1,4 +1,9 @@
-"""``POST /search/images`` (text → images) and ``POST /search/captions`` (image → captions)."""
+"""``POST /search/images`` (text → images) and ``POST /search/captions`` (image → captions).
+
+Each route reads as its stages (:mod:`service.retrieval`, :mod:`service.rerank`): encode in the
+encoder's micro-batcher → search the target index and hydrate its records → optionally re-rank
+the shortlist with the teacher → the response.
+"""
 
 # No `from __future__ import annotations`: FastAPI must see the per-app request model, a
 # local variable of build_router, when it reads the route signature.
@@ -9,11 +14,21 @@ from typing import Annotated
 from urllib.parse import quote
 
 from fastapi import APIRouter, Query, Request
+from PIL import Image
 
-from service.deps import ImageBatcherDep, IndexDep, SettingsDep, TextBatcherDep
-from service.errors import ModalityMissing, error_responses
-from service.retrieval import ImageQuery, TextQuery
+from service.deps import (
+    ImageBatcherDep,
+    IndexDep,
+    MetricsDep,
+    RerankerDep,
+    TextBatcherDep,
+)
+from service.errors import error_responses
+from service.rerank import DEFAULT_RERANK_K, MAX_RERANK_K, rerank_shortlist
+from service.retrieval import CAPTIONS, IMAGES, require_target, retrieve
 from service.schemas import (
+    RERANK_DESCRIPTION,
+    RERANK_K_DESCRIPTION,
     CaptionHit,
     CaptionSearchResponse,
     ImageHit,
@@ -37,7 +52,9 @@ def _elapsed_ms(started: float) -> float:
 def build_router(settings: Settings) -> APIRouter:
     """The search router, with this deployment's limits in its request schemas."""
     router = APIRouter(prefix="/search", tags=["search"])
-    TextSearchRequest = text_search_request_model(settings.max_k, settings.max_text_chars)
+    TextSearchRequest = text_search_request_model(
+        settings.max_k, settings.max_text_chars, rerank_default=settings.rerank_default
+    )
     default_k = min(10, settings.max_k)
 
     @router.post(
@@ -46,7 +63,11 @@ def build_router(settings: Settings) -> APIRouter:
         summary="Find gallery images for a text",
         description=(
             "Encodes the text with the decomposed text encoder (micro-batched with concurrent "
-            "queries) and returns the k nearest gallery images by cosine similarity."
+            "queries) and returns the k nearest gallery images by cosine similarity. With "
+            "`rerank`, the teacher re-scores the best `rerank_k` (text, image) pairs in batched "
+            "joint passes and they are re-ordered by its logit (`score`; the cosine stays in "
+            "`retrieval_score`). Without a loaded teacher the request is still answered, in "
+            "retrieval order with `reranked: false`; /readyz says why."
         ),
         responses=error_responses(400, 404, 413, 422, 500, 503),
     )
@@ -54,29 +75,42 @@ def build_router(settings: Settings) -> APIRouter:
         body: TextSearchRequest,  # type: ignore[valid-type]
         request: Request,
         index: IndexDep,
-        batcher: TextBatcherDep,
+        encoder: TextBatcherDep,
+        reranker: RerankerDep,
+        metrics: MetricsDep,
     ) -> ImageSearchResponse:
         started = time.perf_counter()
-        if index.image_count == 0:
-            raise ModalityMissing(f"index version {index.version} has no gallery images")
-        neighbours = await batcher.submit(TextQuery(body.text, body.k, index))  # type: ignore[attr-defined]
+        require_target(index, IMAGES)
+        text, k, rerank_k = body.text, body.k, body.rerank_k  # type: ignore[attr-defined]
+        teacher = reranker if body.rerank else None  # type: ignore[attr-defined]
+        xq = await encoder.submit(text)
+        search_k = max(k, rerank_k) if teacher is not None else k
+        found = await asyncio.to_thread(retrieve, index, IMAGES, xq, search_k, metrics, "text")
+        reranked = False
+        if teacher is not None:
+            found, reranked = await rerank_shortlist(
+                found,
+                rerank_k,
+                lambda records: teacher.score_images(text, [r.path for r in records]),
+                metrics.rerank_seconds.labels("text").observe,
+            )
         results = [
             ImageHit(
                 rank=rank,
-                id=record.id,
-                score=score,
-                url=image_url(request, record.id),
-                captions=list(record.captions),
+                id=hit.record.id,
+                score=hit.score,
+                retrieval_score=hit.retrieval_score,
+                url=image_url(request, hit.record.id),
+                captions=list(hit.record.captions),
             )
-            for rank, (score, record) in enumerate(
-                zip(neighbours.scores, neighbours.records, strict=True), start=1
-            )
+            for rank, hit in enumerate(found[:k], start=1)
         ]
         return ImageSearchResponse(
             results=results,
-            k=body.k,  # type: ignore[attr-defined]
+            k=k,
             took_ms=_elapsed_ms(started),
             index_version=index.version,
+            reranked=reranked,
         )
 
     @router.post(
@@ -88,7 +122,11 @@ def build_router(settings: Settings) -> APIRouter:
             f"with Content-Type one of {', '.join(RAW_IMAGE_TYPES)}. The format is recognised "
             "from the content, EXIF orientation is applied, any colour mode is converted to "
             f"RGB. Limits: {settings.max_upload_bytes} bytes per body, "
-            f"{settings.max_image_pixels} pixels per image (checked before decoding)."
+            f"{settings.max_image_pixels} pixels per image (checked before decoding). With "
+            "`rerank` (query string), the teacher re-scores the best `rerank_k` (caption, image) "
+            "pairs and they are re-ordered by its logit (`score`; the cosine stays in "
+            "`retrieval_score`). Without a loaded teacher the request is still answered, in "
+            "retrieval order with `reranked: false`; /readyz says why."
         ),
         responses=error_responses(400, 404, 413, 415, 422, 500, 503),
         openapi_extra={"requestBody": caption_request_body(settings.max_k, RAW_IMAGE_TYPES)},
@@ -96,8 +134,9 @@ def build_router(settings: Settings) -> APIRouter:
     async def search_captions(
         request: Request,
         index: IndexDep,
-        batcher: ImageBatcherDep,
-        config: SettingsDep,
+        encoder: ImageBatcherDep,
+        reranker: RerankerDep,
+        metrics: MetricsDep,
         k: Annotated[
             int,
             Query(
@@ -106,34 +145,56 @@ def build_router(settings: Settings) -> APIRouter:
                 description="How many captions to return (a multipart `k` part overrides it).",
             ),
         ] = default_k,
+        rerank: Annotated[bool, Query(description=RERANK_DESCRIPTION)] = settings.rerank_default,
+        rerank_k: Annotated[
+            int, Query(ge=1, le=MAX_RERANK_K, description=RERANK_K_DESCRIPTION)
+        ] = DEFAULT_RERANK_K,
     ) -> CaptionSearchResponse:
         started = time.perf_counter()
-        if index.caption_count == 0:
-            raise ModalityMissing(f"index version {index.version} has no captions")
+        require_target(index, CAPTIONS)
         upload = await read_image_upload(request)
         if upload.k_field is not None:
-            k = parse_k_field(upload.k_field, config.max_k)
+            k = parse_k_field(upload.k_field, settings.max_k)
 
-        async def decode() -> ImageQuery:
-            image = await asyncio.to_thread(decode_upload, upload.data, config.max_image_pixels)
-            return ImageQuery(image, k, index)
-
+        teacher = reranker if rerank else None
         # The queue place is taken before decoding: a full queue answers 503 without decoding.
-        neighbours = await batcher.submit_prepared(decode)
+        decoded: list[Image.Image] = []
+
+        async def decode() -> Image.Image:
+            decoded.append(
+                await asyncio.to_thread(decode_upload, upload.data, settings.max_image_pixels)
+            )
+            return decoded[0]
+
+        xq = await encoder.submit_prepared(decode)
+        search_k = max(k, rerank_k) if teacher is not None else k
+        found = await asyncio.to_thread(retrieve, index, CAPTIONS, xq, search_k, metrics, "image")
+        reranked = False
+        if teacher is not None:
+            image = decoded[0]
+            found, reranked = await rerank_shortlist(
+                found,
+                rerank_k,
+                lambda records: teacher.score_captions(image, [r.caption for r in records]),
+                metrics.rerank_seconds.labels("image").observe,
+            )
         results = [
             CaptionHit(
                 rank=rank,
-                id=record.id,
-                caption=record.caption,
-                score=score,
-                image_id=record.image_id,
+                id=hit.record.id,
+                caption=hit.record.caption,
+                score=hit.score,
+                retrieval_score=hit.retrieval_score,
+                image_id=hit.record.image_id,
             )
-            for rank, (score, record) in enumerate(
-                zip(neighbours.scores, neighbours.records, strict=True), start=1
-            )
+            for rank, hit in enumerate(found[:k], start=1)
         ]
         return CaptionSearchResponse(
-            results=results, k=k, took_ms=_elapsed_ms(started), index_version=index.version
+            results=results,
+            k=k,
+            took_ms=_elapsed_ms(started),
+            index_version=index.version,
+            reranked=reranked,
         )
 
     return router

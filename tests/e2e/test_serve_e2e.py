@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -79,6 +80,9 @@ def served(tiny_vilt_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
         **os.environ,
         "VLD_MODEL_DIR": str(model_dir),
         "VLD_INDEX_ROOT": str(root),
+        # The tiny teacher re-ranks any gallery (its own tokenizer and image processor): the
+        # browser test checks the re-rank plumbing, not its quality.
+        "VLD_TEACHER_DIR": str(tiny_vilt_dir),
         "VLD_HOST": "127.0.0.1",
         "VLD_PORT": str(port),
         "VLD_DEVICE": "cpu",
@@ -125,6 +129,8 @@ def test_both_endpoints_over_http_match_the_model_and_index(served: Served) -> N
     index = IndexVersion.open(served.root)
     try:
         with httpx.Client(base_url=served.base_url, timeout=30) as client:
+            ready = client.get("/readyz").json()
+            assert ready["rerank_available"] is True and len(ready["teacher_fingerprint"]) == 64
             assert client.get("/healthz").json() == {"status": "ok"}
             for caption in served.captions[::7]:
                 response = client.post("/search/images", json={"text": caption["caption"], "k": 10})
@@ -201,6 +207,14 @@ def _chromium_or_skip() -> Path:
     pytest.skip("Chromium is not installed here (apt-get install chromium)")
 
 
+def _status_once_it_says(page: Any, words: str) -> str:
+    """The page's status line, once it contains ``words`` (a search has finished)."""
+    page.wait_for_function(
+        f"() => document.getElementById('status').innerText.includes({json.dumps(words)})"
+    )
+    return str(page.inner_text("#status"))
+
+
 def test_the_web_page_in_a_real_browser(served: Served, tmp_path: Path) -> None:
     chromium = _chromium_or_skip()
     from playwright.sync_api import sync_playwright
@@ -269,5 +283,23 @@ def test_the_web_page_in_a_real_browser(served: Served, tmp_path: Path) -> None:
             assert all(text.strip() in known for text in captions)
             assert page.locator("#image-results li").count() == 0  # the grid was replaced
             assert "captions in" in page.inner_text("#status")
+            assert "re-ranked" not in page.inner_text("#status")
+
+            # The re-rank checkbox: both searches come back re-ranked by the teacher.
+            assert not page.is_checked("#rerank")
+            page.check("#rerank")
+            page.click("#image-search")
+            assert "re-ranked by the teacher" in _status_once_it_says(page, "captions in")
+            reranked = page.locator("#caption-results .score").all_inner_texts()
+            assert len(reranked) == 10 and all("cosine" in text for text in reranked)
+            page.fill("#text-query", served.captions[0]["caption"])
+            page.click("#text-search")
+            assert "re-ranked by the teacher" in _status_once_it_says(page, "images in")
+            cards = page.locator("#image-results figcaption").all_inner_texts()
+            assert cards and all("teacher score" in text for text in cards)
+            scores = page.locator("#image-results .score").evaluate_all(
+                "spans => spans.map(span => Number(span.dataset.score))"
+            )
+            assert scores[:10] == sorted(scores[:10], reverse=True)  # the shortlist (k=10 < 20)
         finally:
             context.close()

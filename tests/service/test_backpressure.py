@@ -13,7 +13,7 @@ from service.app import create_app
 from service.routes import search as search_routes
 from service.uploads import decode_upload
 from tests.service.conftest import ServiceEnv
-from tests.service.helpers import png_bytes
+from tests.service.helpers import FakeEncoder, png_bytes
 
 DELAY_S = 0.6
 
@@ -33,10 +33,9 @@ def test_queue_full_gives_exactly_k_immediate_503s(
         return decode_upload(data, max_pixels)
 
     monkeypatch.setattr(search_routes, "decode_upload", counting_decode)
-    settings = service_env.settings(
-        queue_size=queue_size, encode_delay_s=DELAY_S, batch_window_ms=20, retry_after_s=3
-    )
-    app = create_app(settings, load_encoder=lambda s: service_env.encoder)
+    settings = service_env.settings(queue_size=queue_size, batch_window_ms=20, retry_after_s=3)
+    slow_encoder = FakeEncoder(delay_s=DELAY_S)  # same vectors and fingerprint, slower
+    app = create_app(settings, load_encoder=lambda s: slow_encoder)
     image = png_bytes(Image.new("RGB", (8, 8), "red"))
 
     async def scenario() -> list[tuple[httpx.Response, float]]:

@@ -25,6 +25,9 @@ def test_healthz_and_readyz_when_ready(client: TestClient, service_env: ServiceE
         "embedding_dim": service_env.encoder.embedding_dim,
         "image_count": 6,
         "caption_count": 12,
+        "rerank_available": False,
+        "teacher_fingerprint": None,
+        "rerank_problem": "no teacher is configured (VLD_TEACHER_DIR is unset)",
     }
 
 

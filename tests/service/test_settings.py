@@ -76,7 +76,7 @@ def test_a_batch_window_over_the_default_max_wait_is_accepted() -> None:
 def test_every_operator_setting_has_a_cli_option_naming_its_variable() -> None:
     parser = _parser()
     actions = {action.dest: action for action in parser._actions}
-    assert {"reload_token", "encode_delay_s"} == ENV_ONLY_SETTINGS  # a secret, a test hook
+    assert {"reload_token"} == ENV_ONLY_SETTINGS  # a secret
     for field in set(Settings.model_fields) - ENV_ONLY_SETTINGS:
         assert field in actions, f"no option for {field}"
         flag = "--" + field.replace("_", "-")
@@ -175,17 +175,17 @@ def test_cli_exit_code_1_when_start_up_fails(
     assert any("start-up failed" in record.getMessage() for record in caplog.records)
 
 
-def test_the_module_level_app_fails_start_up_in_one_line_naming_the_setting(
+def test_the_factory_app_fails_start_up_in_one_line_naming_the_setting(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """`uvicorn service.app:app` with a bad setting: uvicorn logs the lifespan's message, so
-    it must be one line, not a traceback."""
+    """`uvicorn --factory service.app:app_from_env` with a bad setting: uvicorn logs the
+    lifespan's message, so it must be one line, not a traceback."""
     import asyncio
 
-    from service.app import _module_app
+    from service.app import app_from_env
 
     monkeypatch.setenv("VLD_MAX_K", "0")
-    app = _module_app()
+    app = app_from_env()
     sent: list[dict[str, object]] = []
 
     async def receive() -> dict[str, object]:
@@ -201,13 +201,18 @@ def test_the_module_level_app_fails_start_up_in_one_line_naming_the_setting(
     monkeypatch.delenv("VLD_MAX_K")
     monkeypatch.delenv("VLD_MODEL_DIR", raising=False)
     sent.clear()
-    asyncio.run(_module_app()({"type": "lifespan", "asgi": {"version": "3.0"}}, receive, send))
+    asyncio.run(app_from_env()({"type": "lifespan", "asgi": {"version": "3.0"}}, receive, send))
     assert "VLD_MODEL_DIR is not set" in str(sent[0]["message"])
 
 
-def test_importing_the_module_level_app_loads_nothing() -> None:
+def test_importing_the_app_module_builds_no_app(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     import service.app as module
 
-    assert module.app.title.startswith("vldeformer")
-    state = getattr(module.app.state, "service", None)
-    assert state is None or state.encoder is None
+    assert not hasattr(module, "app")  # no import-time app: uvicorn --factory builds it
+    monkeypatch.setenv("VLD_MODEL_DIR", str(tmp_path))
+    monkeypatch.setenv("VLD_INDEX_ROOT", str(tmp_path))
+    app = module.app_from_env()
+    assert app.title == "vldeformer"
+    assert app.state.service.encoder is None  # the model loads in the lifespan, not here

@@ -1,0 +1,208 @@
+"""Re-ranking a shortlist with the early-interaction teacher (:class:`model.EarlyInteraction`).
+
+The decomposed encoders find a shortlist by cosine similarity; the teacher then scores each
+(text, image) pair in one joint forward pass and the shortlist is re-ordered by that logit.
+Candidate gallery images are decoded with the same safe decoder as uploads
+(:func:`model.images.open_image`) and preprocessed with the one preprocessing function
+(:func:`model.images.preprocess_image`); their pixels are kept in a bounded LRU cache, since
+popular images come back in many shortlists.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+from PIL import Image
+
+from model.images import ImageError, collate_pixels, open_image, preprocess_image
+from service.retrieval import RecordT, Scored
+
+if TYPE_CHECKING:
+    from model import EarlyInteraction
+
+logger = logging.getLogger(__name__)
+
+MAX_RERANK_K = 100  # the largest shortlist a request may ask the teacher to score
+DEFAULT_RERANK_K = 20
+PAIRS_PER_PASS = 64  # most (text, image) pairs in one teacher forward pass
+WEIGHTS_FILE = "model.safetensors"
+
+
+def teacher_fingerprint(teacher_dir: Path) -> str:
+    """sha256 (hex) of the teacher's ``model.safetensors``, streamed in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with (teacher_dir / WEIGHTS_FILE).open("rb") as weights:
+        for block in iter(lambda: weights.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class PixelCache:
+    """A thread-safe LRU of preprocessed pixels (float32 ``(3, H, W)``) keyed by image path."""
+
+    def __init__(self, capacity: int) -> None:
+        if capacity < 1:
+            raise ValueError(f"the pixel cache needs a capacity of at least 1, got {capacity}")
+        self.capacity = capacity
+        self._entries: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._entries)
+
+    def get(self, key: str) -> np.ndarray | None:
+        with self._lock:
+            pixels = self._entries.get(key)
+            if pixels is not None:
+                self._entries.move_to_end(key)
+            return pixels
+
+    def put(self, key: str, pixels: np.ndarray) -> None:
+        with self._lock:
+            self._entries[key] = pixels
+            self._entries.move_to_end(key)
+            while len(self._entries) > self.capacity:
+                self._entries.popitem(last=False)
+
+
+def rerank_order(
+    shortlist: Sequence[Scored[RecordT]], teacher_scores: Sequence[float | None]
+) -> list[Scored[RecordT]]:
+    """The shortlist by teacher logit, best first; unscored results (None) after, in order."""
+    results: list[Scored[RecordT]] = [
+        replace(result, teacher_score=score)
+        for result, score in zip(shortlist, teacher_scores, strict=True)
+    ]
+    scored: list[Scored[RecordT]] = [r for r in results if r.teacher_score is not None]
+    scored.sort(key=lambda r: -(r.teacher_score or 0.0))  # stable: ties keep cosine order
+    scored.extend(r for r in results if r.teacher_score is None)
+    return scored
+
+
+async def rerank_shortlist(
+    results: Sequence[Scored[RecordT]],
+    rerank_k: int,
+    score_records: Callable[[list[RecordT]], Sequence[float | None]],
+    observe_seconds: Callable[[float], None],
+) -> tuple[list[Scored[RecordT]], bool]:
+    """Re-rank stage: the first ``rerank_k`` results by teacher logit, the rest in retrieval
+    order; ``(results, reranked)``. Scoring runs in a worker thread; a teacher failure is
+    logged and answered in retrieval order (``reranked`` false)."""
+    shortlist: list[Scored[RecordT]] = list(results[:rerank_k])
+    if not shortlist:
+        return list(results), False
+    started = time.perf_counter()
+    try:
+        teacher_scores: Sequence[float | None] = await asyncio.to_thread(
+            score_records, [r.record for r in shortlist]
+        )
+    except Exception:
+        logger.exception("re-ranking failed; answering in retrieval order")
+        return list(results), False
+    finally:
+        observe_seconds(time.perf_counter() - started)
+    reordered = rerank_order(shortlist, teacher_scores)
+    reordered.extend(results[len(shortlist) :])
+    return reordered, True
+
+
+class Reranker:
+    """Scores shortlists with the teacher; call from a worker thread (forward passes block)."""
+
+    def __init__(
+        self,
+        teacher: EarlyInteraction,
+        fingerprint: str,
+        *,
+        cache_size: int,
+        max_image_pixels: int,
+        pairs_per_pass: int = PAIRS_PER_PASS,
+    ) -> None:
+        self.teacher = teacher
+        self.fingerprint = fingerprint
+        self.pixels = PixelCache(cache_size)
+        self.max_image_pixels = max_image_pixels
+        self.pairs_per_pass = pairs_per_pass
+        self._forward_lock = threading.Lock()  # one teacher pass at a time
+
+    def gallery_pixels(self, path: str) -> np.ndarray | None:
+        """A gallery image's preprocessed pixels, or None (logged) if it cannot be read."""
+        cached = self.pixels.get(path)
+        if cached is not None:
+            return cached
+        try:
+            image = open_image(Path(path), max_pixels=self.max_image_pixels)
+            pixels = preprocess_image(self.teacher.image_processor, image)
+        except (ImageError, OSError) as exc:
+            logger.warning("re-rank: cannot read gallery image %s: %s", path, exc)
+            return None
+        self.pixels.put(path, pixels)
+        return pixels
+
+    def query_pixels(self, image: Image.Image) -> np.ndarray:
+        """A decoded query image's preprocessed pixels. Raises ImageError."""
+        return preprocess_image(self.teacher.image_processor, image)
+
+    def score(self, texts: Sequence[str], pixels: Sequence[np.ndarray]) -> np.ndarray:
+        """Teacher logits of the aligned pairs ``(texts[i], pixels[i])``: float32 ``(N,)``."""
+        import torch
+
+        assert len(texts) == len(pixels)
+        out = np.zeros(len(texts), dtype=np.float32)
+        if not texts:
+            return out
+        device = self.teacher.device
+        with self._forward_lock, torch.inference_mode():
+            for start in range(0, len(texts), self.pairs_per_pass):
+                stop = min(start + self.pairs_per_pass, len(texts))
+                tokens = self.teacher.tokenize(texts[start:stop])
+                pixel_values, pixel_mask = collate_pixels(list(pixels[start:stop]))  # (b, 3, H, W)
+                logits = self.teacher.score_tensors(
+                    tokens["input_ids"].to(device),
+                    tokens["attention_mask"].to(device),
+                    pixel_values.to(device),
+                    pixel_mask.to(device),
+                )  # (b,)
+                out[start:stop] = logits.float().cpu().numpy()
+        return out
+
+    def score_images(self, text: str, paths: Sequence[str]) -> list[float | None]:
+        """Text → images: logits of (text, gallery image) pairs; None for an unreadable file."""
+        pixels = [self.gallery_pixels(path) for path in paths]
+        readable = [(i, p) for i, p in enumerate(pixels) if p is not None]
+        logits = self.score([text] * len(readable), [p for _, p in readable])
+        out: list[float | None] = [None] * len(paths)
+        for (i, _), logit in zip(readable, logits, strict=True):
+            out[i] = float(logit)
+        return out
+
+    def score_captions(self, image: Image.Image, captions: Sequence[str]) -> list[float | None]:
+        """Image → captions: logits of (caption, query image) pairs."""
+        if not captions:
+            return []
+        query = self.query_pixels(image)  # (3, H, W), shared by every pair
+        return [float(x) for x in self.score(list(captions), [query] * len(captions))]
+
+
+def load_reranker(
+    teacher_dir: Path, *, device: str, cache_size: int, max_image_pixels: int
+) -> Reranker:
+    """Load :class:`model.EarlyInteraction` from ``teacher_dir``. Raises on any failure."""
+    from model import EarlyInteraction  # heavy: only when a teacher is configured
+
+    if not teacher_dir.is_dir():
+        raise FileNotFoundError(f"{teacher_dir}: no such directory")
+    fingerprint = teacher_fingerprint(teacher_dir)
+    teacher = EarlyInteraction.from_pretrained(teacher_dir, device=device)
+    return Reranker(teacher, fingerprint, cache_size=cache_size, max_image_pixels=max_image_pixels)

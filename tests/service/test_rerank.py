@@ -1,0 +1,196 @@
+"""Re-ranking with the early-interaction teacher: scores, flags, bounds, a failed teacher, the cache."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from indexer.store import CaptionRecord
+from service.rerank import PixelCache, rerank_order
+from service.retrieval import Scored
+from service.settings import SettingsError, load_settings
+from tests.service.conftest import ServiceEnv
+from tests.service.helpers import assert_error, png_bytes
+
+TEXT = "img caption 0 of picture 3"
+
+
+def _query_png(service_env: ServiceEnv) -> bytes:
+    return png_bytes(Image.open(service_env.gallery.image_paths[2]))
+
+
+def _search_images(client: TestClient, **body: Any) -> dict[str, Any]:
+    response = client.post("/search/images", json={"text": TEXT, "k": 6, **body})
+    assert response.status_code == 200, response.text
+    return dict(response.json())
+
+
+def _search_captions(client: TestClient, png: bytes, **params: Any) -> dict[str, Any]:
+    response = client.post(
+        "/search/captions",
+        params={"k": 12, **params},
+        content=png,
+        headers={"content-type": "image/png"},
+    )
+    assert response.status_code == 200, response.text
+    return dict(response.json())
+
+
+def _assert_reranked(plain: dict[str, Any], reranked: dict[str, Any]) -> None:
+    assert plain["reranked"] is False and reranked["reranked"] is True
+    for hit in plain["results"]:
+        assert hit["score"] == hit["retrieval_score"]
+    cosine = {hit["id"]: hit["retrieval_score"] for hit in plain["results"]}
+    assert {hit["id"]: hit["retrieval_score"] for hit in reranked["results"]} == pytest.approx(
+        cosine
+    )
+    scores = [hit["score"] for hit in reranked["results"]]
+    assert scores == sorted(scores, reverse=True)  # ordered by the teacher's logit
+    assert all(hit["score"] != hit["retrieval_score"] for hit in reranked["results"])
+    assert [hit["rank"] for hit in reranked["results"]] == list(
+        range(1, len(reranked["results"]) + 1)
+    )
+
+
+@pytest.fixture
+def teacher_client(make_client: Callable[..., TestClient], tiny_vilt_dir: Path) -> TestClient:
+    return make_client(teacher_dir=tiny_vilt_dir)
+
+
+def test_readyz_names_the_loaded_teacher(teacher_client: TestClient, tiny_vilt_dir: Path) -> None:
+    ready = teacher_client.get("/readyz").json()
+    weights = (tiny_vilt_dir / "model.safetensors").read_bytes()
+    assert ready["rerank_available"] is True
+    assert ready["teacher_fingerprint"] == hashlib.sha256(weights).hexdigest()
+    assert ready["rerank_problem"] is None
+
+
+def test_text_rerank_changes_score_and_keeps_retrieval_score(teacher_client: TestClient) -> None:
+    plain = _search_images(teacher_client)
+    assert plain == {**_search_images(teacher_client, rerank=False), "took_ms": plain["took_ms"]}
+    _assert_reranked(plain, _search_images(teacher_client, rerank=True))
+
+
+def test_image_rerank_changes_score_and_keeps_retrieval_score(
+    teacher_client: TestClient, service_env: ServiceEnv
+) -> None:
+    png = _query_png(service_env)
+    plain = _search_captions(teacher_client, png)
+    _assert_reranked(plain, _search_captions(teacher_client, png, rerank="true"))
+    metrics = teacher_client.get("/metrics").text
+    assert 'vld_rerank_seconds_count{modality="image"} 1.0' in metrics
+
+
+def test_only_the_shortlist_is_reranked(teacher_client: TestClient) -> None:
+    plain = _search_images(teacher_client)
+    reranked = _search_images(teacher_client, rerank=True, rerank_k=2)
+    assert {h["id"] for h in reranked["results"][:2]} == {h["id"] for h in plain["results"][:2]}
+    assert reranked["results"][2:] == plain["results"][2:]  # the rest in retrieval order
+
+
+def test_rerank_default_applies_when_the_request_does_not_say(
+    make_client: Callable[..., TestClient], tiny_vilt_dir: Path
+) -> None:
+    client = make_client(teacher_dir=tiny_vilt_dir, rerank_default=True)
+    assert _search_images(client)["reranked"] is True
+    assert _search_images(client, rerank=False)["reranked"] is False
+
+
+@pytest.mark.parametrize("rerank_k", [0, 101, 20.5, "20"])
+def test_rerank_k_out_of_bounds_is_422(teacher_client: TestClient, rerank_k: Any) -> None:
+    response = teacher_client.post(
+        "/search/images", json={"text": TEXT, "rerank": True, "rerank_k": rerank_k}
+    )
+    assert_error(response, 422)
+
+
+def test_rerank_k_bounds_on_captions(teacher_client: TestClient, service_env: ServiceEnv) -> None:
+    png, headers = _query_png(service_env), {"content-type": "image/png"}
+    for bad in ("0", "101"):
+        response = teacher_client.post(
+            "/search/captions", params={"rerank": "true", "rerank_k": bad}, content=png,
+            headers=headers,
+        )  # fmt: skip
+        assert_error(response, 422)
+    assert _search_captions(teacher_client, png, rerank="true", rerank_k=100)["reranked"]
+    assert _search_images(teacher_client, rerank=True, rerank_k=100)["reranked"]
+
+
+@pytest.mark.parametrize("kind", ["missing", "no-retrieval-head"])
+def test_a_teacher_that_fails_to_load_leaves_the_service_serving_without_rerank(
+    make_client: Callable[..., TestClient],
+    tmp_path: Path,
+    service_env: ServiceEnv,
+    kind: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from model.testing import make_tiny_vilt
+
+    teacher_dir = tmp_path / "teacher"
+    if kind == "no-retrieval-head":
+        make_tiny_vilt(teacher_dir, retrieval_head=False)
+    client = make_client(teacher_dir=teacher_dir)
+    ready = client.get("/readyz")
+    assert ready.status_code == 200
+    assert ready.json()["rerank_available"] is False
+    assert ready.json()["teacher_fingerprint"] is None
+    assert str(teacher_dir) in ready.json()["rerank_problem"]
+    assert "serving WITHOUT re-ranking" in caplog.text
+    answer = _search_images(client, rerank=True)
+    assert answer["reranked"] is False and answer["results"]
+    assert all(hit["score"] == hit["retrieval_score"] for hit in answer["results"])
+    captions = _search_captions(client, _query_png(service_env), rerank="true")
+    assert captions["reranked"] is False and captions["results"]
+
+
+def test_the_pixel_cache_is_bounded(
+    make_client: Callable[..., TestClient], tiny_vilt_dir: Path
+) -> None:
+    client = make_client(teacher_dir=tiny_vilt_dir, rerank_cache_size=2)
+    assert _search_images(client, rerank=True)["reranked"]
+    reranker = client.app.state.service.reranker  # type: ignore[attr-defined]
+    assert len(reranker.pixels) == 2
+
+    cache = PixelCache(2)
+    for key in "abc":
+        cache.put(key, np.zeros((3, 1, 1), dtype=np.float32))
+    assert len(cache) == 2 and cache.get("a") is None and cache.get("c") is not None
+    with pytest.raises(ValueError, match="at least 1"):
+        PixelCache(0)
+
+
+def test_an_unreadable_gallery_image_does_not_fail_its_neighbours(
+    teacher_client: TestClient, service_env: ServiceEnv
+) -> None:
+    plain = _search_images(teacher_client)
+    broken = plain["results"][0]["id"]
+    (service_env.images_dir / broken).write_bytes(b"not an image")
+    reranked = _search_images(teacher_client, rerank=True)
+    assert reranked["reranked"] is True and len(reranked["results"]) == 6
+    last = reranked["results"][-1]  # unscored: after the scored ones, with its cosine score
+    assert last["id"] == broken and last["score"] == last["retrieval_score"]
+
+
+def test_rerank_order_puts_unscored_candidates_last() -> None:
+    shortlist = [
+        Scored(CaptionRecord(row, f"c{row}", "a caption", None), cosine)
+        for row, cosine in enumerate([0.9, 0.8, 0.7, 0.6])
+    ]
+    ordered = rerank_order(shortlist, [1.0, None, 3.0, 1.0])
+    assert [s.record.row for s in ordered] == [2, 0, 3, 1]  # ties keep cosine order
+    assert [s.score for s in ordered] == [3.0, 1.0, 1.0, 0.8]
+    assert ordered[3].teacher_score is None and ordered[3].retrieval_score == 0.8
+
+
+def test_rerank_settings_are_validated() -> None:
+    with pytest.raises(SettingsError, match="VLD_RERANK_CACHE_SIZE"):
+        load_settings(rerank_cache_size=0)
+    with pytest.raises(SettingsError, match="VLD_RERANK_DEFAULT"):
+        load_settings(rerank_default="maybe")
