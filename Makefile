@@ -17,7 +17,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
 .PHONY: help install install-dev install-gpu lint format test coverage demo demo-data demo-index \
-        demo-model bench bench-paper bench-queries bench-indexer bench-search bench-service clean
+        demo-model bench bench-paper bench-queries bench-rerank bench-indexer bench-search bench-service clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -85,6 +85,9 @@ demo-model: install  ## retrain the committed demo teacher + decomposed model (~
 
 bench-paper: install  ## the paper's claim on the synthetic test split -> BENCHMARKS.md figures
 	$(PY) bench/paper_claim.py
+
+bench-rerank: install  ## the served re-ranker: latency, throughput and per-stage ms with and without it
+	$(PY) bench/rerank_service.py
 
 bench-queries: install  ## short queries ("a red circle") against the demo gallery: P@10, nDCG@10
 	$(PY) bench/query_bench.py

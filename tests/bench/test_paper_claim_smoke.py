@@ -47,3 +47,19 @@ def test_query_bench_smoke_run_reports_every_system(tmp_path: Path) -> None:
     for by_wording in systems.values():
         assert set(by_wording) == {"trained", "held-out"}
         assert by_wording["trained"]["all"]["queries"] > 0
+
+
+def test_rerank_service_smoke_run_measures_both_modes(tmp_path: Path) -> None:
+    out = tmp_path / "rerank.json"
+    assert load_bench("rerank_service").main(["--smoke", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(row["concurrency"], row["rerank"]) for row in rows] == [
+        (1, False),
+        (1, True),
+        (4, False),
+        (4, True),
+    ]
+    for row in rows:
+        assert row["statuses"].get("200") == row["requests"] > 0  # and the rerank flag matched
+        assert row["encode_ms_per_query"] > 0 and row["search_ms_per_query"] > 0
+    assert rows[1]["rerank_ms_per_query"] > 0 and rows[0]["rerank_ms_per_query"] is None
