@@ -70,8 +70,13 @@ async def _start_reranker(state: ServiceState, load: RerankerLoader) -> None:
     try:
         reranker = await asyncio.to_thread(load, state.settings)
     except Exception as exc:
-        state.rerank_problem = f"the teacher at {teacher_dir} failed to load: {exc}"
-        logger.error("serving WITHOUT re-ranking: %s", state.rerank_problem)
+        # /readyz is public: say what failed, not where (no server paths); the log has both.
+        state.rerank_problem = (
+            f"the teacher ({teacher_dir.name}) failed to load: {type(exc).__name__}"
+        )
+        logger.error(
+            "serving WITHOUT re-ranking: the teacher at %s failed to load: %s", teacher_dir, exc
+        )
         return
     state.reranker, state.rerank_problem = reranker, None
     logger.info(
@@ -181,6 +186,8 @@ async def _stop(state: ServiceState) -> None:
     if state.holder is not None:
         # In a thread: close() waits for a reload thread still running (a cancelled poller's).
         await asyncio.to_thread(state.holder.close)
+    if state.reranker is not None and hasattr(state.reranker, "close"):
+        state.reranker.close()
 
 
 def create_app(

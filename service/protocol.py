@@ -73,18 +73,20 @@ class JsonErrorH11Protocol(H11Protocol):
         assert isinstance(self.conn, _RecordingConnection)
         buffered, _ = self.conn.trailing_data
         status, message = _status_and_message(self.conn.last_error, buffered, self._limit)
-        body = ErrorResponse(
-            error=ErrorBody(code=_CODES[status], message=message, details=None)
-        ).model_dump_json()
+        body = (
+            ErrorResponse(error=ErrorBody(code=_CODES[status], message=message, details=None))
+            .model_dump_json()
+            .encode("utf-8")
+        )
         headers = [
             (b"content-type", b"application/json"),
-            (b"content-length", str(len(body)).encode("ascii")),
+            (b"content-length", str(len(body)).encode("ascii")),  # bytes, not characters
             (b"connection", b"close"),
         ]
         reason = http.HTTPStatus(status).phrase.encode("ascii")
         self.transport.write(
             self.conn.send(h11.Response(status_code=status, headers=headers, reason=reason)) or b""
         )
-        self.transport.write(self.conn.send(h11.Data(data=body.encode("utf-8"))) or b"")
+        self.transport.write(self.conn.send(h11.Data(data=body)) or b"")
         self.transport.write(self.conn.send(h11.EndOfMessage()) or b"")
         self.transport.close()

@@ -13,10 +13,12 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import os
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -35,6 +37,7 @@ logger = logging.getLogger(__name__)
 MAX_RERANK_K = 100  # the largest shortlist a request may ask the teacher to score
 DEFAULT_RERANK_K = 20
 PAIRS_PER_PASS = 64  # most (text, image) pairs in one teacher forward pass
+MAX_WAITING = 16  # re-rank requests admitted (running + waiting); beyond: retrieval order
 WEIGHTS_FILE = "model.safetensors"
 
 
@@ -48,12 +51,15 @@ def teacher_fingerprint(teacher_dir: Path) -> str:
 
 
 class PixelCache:
-    """A thread-safe LRU of preprocessed pixels (float32 ``(3, H, W)``) keyed by image path."""
+    """A thread-safe LRU of preprocessed pixels (float32 ``(3, H, W)``), bounded both in
+    entries (``capacity``) and in bytes (``max_bytes``: a 384x640 ViLT image is ~2.9 MiB)."""
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, max_bytes: int = 512 << 20) -> None:
         if capacity < 1:
             raise ValueError(f"the pixel cache needs a capacity of at least 1, got {capacity}")
         self.capacity = capacity
+        self.max_bytes = max_bytes
+        self.nbytes = 0
         self._entries: OrderedDict[str, np.ndarray] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -70,10 +76,16 @@ class PixelCache:
 
     def put(self, key: str, pixels: np.ndarray) -> None:
         with self._lock:
+            old = self._entries.pop(key, None)
+            if old is not None:
+                self.nbytes -= old.nbytes
             self._entries[key] = pixels
-            self._entries.move_to_end(key)
-            while len(self._entries) > self.capacity:
-                self._entries.popitem(last=False)
+            self.nbytes += pixels.nbytes
+            while len(self._entries) > 1 and (
+                len(self._entries) > self.capacity or self.nbytes > self.max_bytes
+            ):
+                _, evicted = self._entries.popitem(last=False)
+                self.nbytes -= evicted.nbytes
 
 
 def rerank_order(
@@ -95,22 +107,33 @@ async def rerank_shortlist(
     rerank_k: int,
     score_records: Callable[[list[RecordT]], Sequence[float | None]],
     observe_seconds: Callable[[float], None],
+    reranker: Reranker | None = None,
 ) -> tuple[list[Scored[RecordT]], bool]:
     """Re-rank stage: the first ``rerank_k`` results by teacher logit, the rest in retrieval
-    order; ``(results, reranked)``. Scoring runs in a worker thread; a teacher failure is
-    logged and answered in retrieval order (``reranked`` false)."""
+    order; ``(results, reranked)``. Scoring runs on the reranker's own teacher thread (never
+    the shared pool that searches and uploads use); when ``MAX_WAITING`` re-ranks are already
+    admitted, or the teacher fails (logged), the answer is in retrieval order with
+    ``reranked`` false — re-ranking degrades, retrieval keeps serving."""
     shortlist: list[Scored[RecordT]] = list(results[:rerank_k])
     if not shortlist:
         return list(results), False
+    if reranker is not None and not reranker.admit():
+        logger.info("re-rank queue full (%d): answering in retrieval order", MAX_WAITING)
+        return list(results), False
     started = time.perf_counter()
     try:
-        teacher_scores: Sequence[float | None] = await asyncio.to_thread(
-            score_records, [r.record for r in shortlist]
-        )
+        records = [r.record for r in shortlist]
+        if reranker is None:
+            teacher_scores: Sequence[float | None] = await asyncio.to_thread(score_records, records)
+        else:
+            loop = asyncio.get_running_loop()
+            teacher_scores = await loop.run_in_executor(reranker.executor, score_records, records)
     except Exception:
         logger.exception("re-ranking failed; answering in retrieval order")
         return list(results), False
     finally:
+        if reranker is not None:
+            reranker.release()
         observe_seconds(time.perf_counter() - started)
     reordered = rerank_order(shortlist, teacher_scores)
     reordered.extend(results[len(shortlist) :])
@@ -135,10 +158,36 @@ class Reranker:
         self.max_image_pixels = max_image_pixels
         self.pairs_per_pass = pairs_per_pass
         self._forward_lock = threading.Lock()  # one teacher pass at a time
+        # The teacher's own thread: its passes take long and must not starve the shared pool.
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vld-teacher")
+        self.max_waiting = MAX_WAITING
+        self._admitted = 0  # touched on the event loop only
+
+    def admit(self) -> bool:
+        """Take a place in the re-rank queue (event loop only); False when it is full."""
+        if self._admitted >= self.max_waiting:
+            return False
+        self._admitted += 1
+        return True
+
+    def release(self) -> None:
+        self._admitted -= 1
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=False, cancel_futures=True)
 
     def gallery_pixels(self, path: str) -> np.ndarray | None:
-        """A gallery image's preprocessed pixels, or None (logged) if it cannot be read."""
-        cached = self.pixels.get(path)
+        """A gallery image's preprocessed pixels, or None (logged) if it cannot be read.
+
+        Cached under (path, size, mtime): a file rewritten in place (a re-crawled gallery,
+        a new index version) is read again, never scored from stale pixels."""
+        try:
+            stat = os.stat(path)
+        except OSError as exc:
+            logger.warning("re-rank: cannot read gallery image %s: %s", path, exc)
+            return None
+        key = f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}"
+        cached = self.pixels.get(key)
         if cached is not None:
             return cached
         try:
@@ -147,7 +196,7 @@ class Reranker:
         except (ImageError, OSError) as exc:
             logger.warning("re-rank: cannot read gallery image %s: %s", path, exc)
             return None
-        self.pixels.put(path, pixels)
+        self.pixels.put(key, pixels)
         return pixels
 
     def query_pixels(self, image: Image.Image) -> np.ndarray:

@@ -93,6 +93,7 @@ def build_router(settings: Settings) -> APIRouter:
                 rerank_k,
                 lambda records: teacher.score_images(text, [r.path for r in records]),
                 metrics.rerank_seconds.labels("text").observe,
+                teacher,
             )
         results = [
             ImageHit(
@@ -177,6 +178,7 @@ def build_router(settings: Settings) -> APIRouter:
                 rerank_k,
                 lambda records: teacher.score_captions(image, [r.caption for r in records]),
                 metrics.rerank_seconds.labels("image").observe,
+                teacher,
             )
         results = [
             CaptionHit(

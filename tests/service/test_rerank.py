@@ -141,8 +141,9 @@ def test_a_teacher_that_fails_to_load_leaves_the_service_serving_without_rerank(
     assert ready.status_code == 200
     assert ready.json()["rerank_available"] is False
     assert ready.json()["teacher_fingerprint"] is None
-    assert str(teacher_dir) in ready.json()["rerank_problem"]
-    assert "serving WITHOUT re-ranking" in caplog.text
+    problem = ready.json()["rerank_problem"]
+    assert "teacher" in problem and str(tmp_path) not in problem  # no server paths in /readyz
+    assert "serving WITHOUT re-ranking" in caplog.text and str(teacher_dir) in caplog.text
     answer = _search_images(client, rerank=True)
     assert answer["reranked"] is False and answer["results"]
     assert all(hit["score"] == hit["retrieval_score"] for hit in answer["results"])
@@ -164,6 +165,41 @@ def test_the_pixel_cache_is_bounded(
     assert len(cache) == 2 and cache.get("a") is None and cache.get("c") is not None
     with pytest.raises(ValueError, match="at least 1"):
         PixelCache(0)
+    # Bounded in bytes too: three 4 KiB entries under a 10 KiB budget keep two.
+    small = PixelCache(100, max_bytes=10 * 1024)
+    for key in "abc":
+        small.put(key, np.zeros((3, 16, 21), dtype=np.float32))  # 4,032 bytes
+    assert len(small) == 2 and small.nbytes <= 10 * 1024 and small.get("a") is None
+
+
+def test_a_gallery_file_rewritten_in_place_is_read_again(
+    teacher_client: TestClient, tmp_path: Path
+) -> None:
+    import os
+
+    from PIL import Image
+
+    reranker = teacher_client.app.state.service.reranker  # type: ignore[attr-defined]
+    path = tmp_path / "g.png"
+    Image.new("RGB", (40, 40), (255, 0, 0)).save(path)
+    red = reranker.gallery_pixels(str(path))
+    Image.new("RGB", (40, 40), (0, 0, 255)).save(path)
+    os.utime(path, ns=(1, 1))  # a new mtime even on a coarse clock
+    blue = reranker.gallery_pixels(str(path))
+    assert red is not None and blue is not None and not np.array_equal(red, blue)
+    assert reranker.gallery_pixels(str(tmp_path / "gone.png")) is None
+
+
+def test_a_full_rerank_queue_answers_in_retrieval_order(teacher_client: TestClient) -> None:
+    reranker = teacher_client.app.state.service.reranker  # type: ignore[attr-defined]
+    reranker._admitted = reranker.max_waiting  # every place taken
+    try:
+        answer = _search_images(teacher_client, rerank=True)
+    finally:
+        reranker._admitted = 0
+    assert answer["reranked"] is False and answer["results"]
+    assert all(hit["score"] == hit["retrieval_score"] for hit in answer["results"])
+    assert _search_images(teacher_client, rerank=True)["reranked"] is True
 
 
 def test_an_unreadable_gallery_image_does_not_fail_its_neighbours(
