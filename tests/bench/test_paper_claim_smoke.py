@@ -60,6 +60,7 @@ def test_rerank_service_smoke_run_measures_both_modes(tmp_path: Path) -> None:
         (4, True),
     ]
     for row in rows:
-        assert row["statuses"].get("200") == row["requests"] > 0  # and the rerank flag matched
+        assert row["statuses"].get("200") == row["requests"] > 0
+        assert row["reranked_share"] == (1.0 if row["rerank"] else None)  # 4 clients < queue
         assert row["encode_ms_per_query"] > 0 and row["search_ms_per_query"] > 0
     assert rows[1]["rerank_ms_per_query"] > 0 and rows[0]["rerank_ms_per_query"] is None
