@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 
 from model import EarlyInteraction, VLDeformer  # noqa: E402
 from model.bow import bag_of_words_similarity  # noqa: E402
-from model.eval_scoring import Gallery, early_scores, top_k  # noqa: E402
+from model.eval_scoring import Gallery, early_scores, rerank, top_k  # noqa: E402
 from model.images import open_image  # noqa: E402
 from model.metrics import ranking_metrics  # noqa: E402
 from model.queries import Query, benchmark_queries, matches, phrase  # noqa: E402
@@ -57,16 +57,15 @@ def _rerank_scores(
     batch_size: int,
 ) -> np.ndarray:
     """Decomposed scores with each query's top ``rerank_k`` re-scored by the teacher and
-    placed above every other image, in the teacher's order."""
+    placed above every other image, in the teacher's order (``eval_scoring.rerank``)."""
     candidates = top_k(decomposed, rerank_k)  # (queries, k)
-    hybrid = decomposed.astype(np.float64).copy()
-    floor = hybrid.max() + 1.0
-    for row, text in enumerate(texts):
-        cands = candidates[row]
-        early = early_scores(teacher, gallery, cands, [text], batch_size)[:, 0]  # (k,)
-        ranks = np.argsort(np.argsort(early, kind="stable"), kind="stable")
-        hybrid[row, cands] = floor + ranks
-    return hybrid
+    rescored = np.stack(
+        [
+            early_scores(teacher, gallery, cands, [text], batch_size)[:, 0]  # (k,)
+            for text, cands in zip(texts, candidates, strict=True)
+        ]
+    )
+    return rerank(decomposed, candidates, rescored)
 
 
 def _by_category(

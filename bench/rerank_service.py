@@ -96,12 +96,9 @@ def _scenario(
     stages: dict[str, float | None] = {}
     for stage in STAGES:
         seconds_spent = after[stage][0] - before[stage][0]
-        count = after[stage][1] - before[stage][1]
-        # encode is timed per forward pass (a batch); the others per query.
-        per_query = seconds_spent / len(latencies) if stage == "encode" else None
-        if stage != "encode":
-            per_query = seconds_spent / count if count else None
-        stages[f"{stage}_ms_per_query"] = None if per_query is None else round(1000 * per_query, 2)
+        # encode is observed per forward pass (a batch of queries), the others per query.
+        count = len(latencies) if stage == "encode" else after[stage][1] - before[stage][1]
+        stages[f"{stage}_ms_per_query"] = round(1000 * seconds_spent / count, 2) if count else None
     row = {
         "rerank": rerank,
         "concurrency": concurrency,

@@ -125,9 +125,7 @@ def build_teacher(config: DemoModelConfig, work_dir: Path, *, progress: bool = T
     if done.is_file() and json.loads(done.read_text()) == _portable(expected):
         logger.info("stage (a): %s is already trained with these settings", target)
         return target
-    trained = train_teacher(
-        _teacher_config(config, init_dir, work_dir / "teacher"), resume=True, progress=progress
-    )
+    trained = train_teacher(expected, resume=True, progress=progress)
     if target.exists():
         shutil.rmtree(target)
     shutil.copytree(trained, target)

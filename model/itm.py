@@ -39,19 +39,21 @@ import json
 import logging
 import shutil
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from model.checkpoints import write_atomically
 from model.data import OneCaptionPerImageSampler, Pair, PairDataset, collate_pairs, read_pairs
 from model.modeling import EarlyInteraction, VLDeformer
 from model.schedule import warmup_cosine_scheduler
+from model.train import epoch_batches
 
 logger = logging.getLogger(__name__)
 
@@ -229,21 +231,6 @@ class TruthTable:
         return truth
 
 
-class _SkipSampler(Sampler[int]):
-    """The epoch's draw of ``base`` without its first ``skip`` indices (resuming mid-epoch)."""
-
-    def __init__(self, base: OneCaptionPerImageSampler) -> None:
-        self.base = base
-        self.skip = 0
-
-    def __len__(self) -> int:
-        return max(0, len(self.base) - self.skip)
-
-    def __iter__(self) -> Iterator[int]:
-        indices = list(self.base)
-        return iter(indices[self.skip :])
-
-
 class MaskedWordHead(torch.nn.Module):
     """Predicts masked words from the text positions of the joint sequence (tied decoder)."""
 
@@ -281,17 +268,13 @@ def _save_checkpoint(
     directory: Path, teacher: EarlyInteraction, state: dict[str, object], config: ItmConfig
 ) -> None:
     """Weights in the HF layout plus optimiser / schedule / RNG state; replaced atomically."""
-    partial = directory.with_name(directory.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    teacher.save_pretrained(partial)
-    torch.save(state, partial / "training_state.pt")
-    (partial / "itm_config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
-    old = directory.with_name(directory.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if directory.exists():
-        directory.rename(old)
-    partial.rename(directory)
-    shutil.rmtree(old, ignore_errors=True)
+
+    def write(partial: Path) -> None:
+        teacher.save_pretrained(partial)
+        torch.save(state, partial / "training_state.pt")
+        (partial / "itm_config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
+
+    write_atomically(directory, write)
 
 
 def train_teacher(config: ItmConfig, *, resume: bool = False, progress: bool = True) -> Path:
@@ -320,15 +303,8 @@ def train_teacher(config: ItmConfig, *, resume: bool = False, progress: bool = T
     dataset = PairDataset(
         pairs, teacher.tokenizer, teacher.image_processor, max_text_len=teacher.max_text_len
     )
-    sampler = _SkipSampler(OneCaptionPerImageSampler(pairs, seed=config.seed))
-    loader = DataLoader(
-        dataset,
-        batch_size=config.batch_size,
-        sampler=sampler,
-        drop_last=True,
-        num_workers=config.num_workers,
-        collate_fn=functools.partial(collate_pairs, pad_token_id=teacher.tokenizer.pad_token_id),
-    )
+    sampler = OneCaptionPerImageSampler(pairs, seed=config.seed)
+    collate = functools.partial(collate_pairs, pad_token_id=teacher.tokenizer.pad_token_id)
     mlm_head = MaskedWordHead(teacher)
     trained = [*teacher.parameters(), *mlm_head.transform.parameters(), mlm_head.bias]
     optimizer = torch.optim.AdamW(trained, lr=config.lr, weight_decay=config.weight_decay)
@@ -368,8 +344,11 @@ def train_teacher(config: ItmConfig, *, resume: bool = False, progress: bool = T
         log_path.open("a") as log,
     ):
         while step < config.max_steps:
-            sampler.base.set_epoch(epoch)
-            sampler.skip = batch_in_epoch * config.batch_size
+            # The epoch's batches, less those a resumed run already trained on (as model.train).
+            batches = epoch_batches(sampler, epoch, config.batch_size, skip=batch_in_epoch)
+            loader = DataLoader(
+                dataset, batch_sampler=batches, num_workers=config.num_workers, collate_fn=collate
+            )
             for batch in loader:
                 truth = truth_table.batch(batch["index"].tolist())
                 losses = teacher_loss(teacher, encoder, batch, truth, config, generator)

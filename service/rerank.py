@@ -107,7 +107,7 @@ async def rerank_shortlist(
     rerank_k: int,
     score_records: Callable[[list[RecordT]], Sequence[float | None]],
     observe_seconds: Callable[[float], None],
-    reranker: Reranker | None = None,
+    reranker: Reranker,
 ) -> tuple[list[Scored[RecordT]], bool]:
     """Re-rank stage: the first ``rerank_k`` results by teacher logit, the rest in retrieval
     order; ``(results, reranked)``. Scoring runs on the reranker's own teacher thread (never
@@ -117,23 +117,20 @@ async def rerank_shortlist(
     shortlist: list[Scored[RecordT]] = list(results[:rerank_k])
     if not shortlist:
         return list(results), False
-    if reranker is not None and not reranker.admit():
+    if not reranker.admit():
         logger.info("re-rank queue full (%d): answering in retrieval order", MAX_WAITING)
         return list(results), False
     started = time.perf_counter()
     try:
         records = [r.record for r in shortlist]
-        if reranker is None:
-            teacher_scores: Sequence[float | None] = await asyncio.to_thread(score_records, records)
-        else:
-            loop = asyncio.get_running_loop()
-            teacher_scores = await loop.run_in_executor(reranker.executor, score_records, records)
+        teacher_scores: Sequence[float | None] = await asyncio.get_running_loop().run_in_executor(
+            reranker.executor, score_records, records
+        )
     except Exception:
         logger.exception("re-ranking failed; answering in retrieval order")
         return list(results), False
     finally:
-        if reranker is not None:
-            reranker.release()
+        reranker.release()
         observe_seconds(time.perf_counter() - started)
     reordered = rerank_order(shortlist, teacher_scores)
     reordered.extend(results[len(shortlist) :])
