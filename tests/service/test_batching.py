@@ -77,26 +77,29 @@ def test_batches_are_capped_at_max_batch_size() -> None:
 
 
 def test_a_trickling_burst_stays_one_batch_until_a_quiet_gap() -> None:
-    """Items 10 ms apart with a 30 ms quiet window form one batch even though the burst lasts
-    longer than the window; a fixed window would have split it."""
+    """Items 20 ms apart with a 150 ms quiet window form one batch even though the burst
+    (200 ms) lasts longer than the window; a fixed window would have split it. The gaps are
+    7x under the window so a loaded machine's late wake-ups do not split the burst."""
     recorder = Recorder()
 
     async def scenario() -> None:
-        batcher = MicroBatcher("t", recorder, config(window_s=0.03, max_wait_s=1.0))
+        batcher = MicroBatcher(
+            "t", recorder, config(window_s=0.15, max_wait_s=5.0, max_batch_size=16)
+        )
         await batcher.start()
         try:
             tasks = []
-            for i in range(6):
+            for i in range(10):
                 tasks.append(asyncio.create_task(batcher.submit(i)))
-                await asyncio.sleep(0.01)
+                await asyncio.sleep(0.02)
             await asyncio.gather(*tasks)
-            await asyncio.sleep(0.1)  # quiet: the next item starts a new batch
-            await batcher.submit(9)
+            await asyncio.sleep(0.5)  # quiet: the next item starts a new batch
+            await batcher.submit(99)
         finally:
             await batcher.stop()
 
     run(scenario())
-    assert recorder.batches == [[0, 1, 2, 3, 4, 5], [9]]
+    assert recorder.batches == [list(range(10)), [99]]
 
 
 def test_max_wait_caps_how_long_a_batch_keeps_gathering() -> None:
