@@ -359,7 +359,7 @@ def _write_version(
         for row, position in enumerate(images.positions):
             image = gallery.images[position]
             texts = tuple(dict.fromkeys([*image.captions, *linked.get(image.id, [])]))
-            image_rows.append(ImageRow(row, image.id, str(image.path), texts))
+            image_rows.append(ImageRow(row, image.id, str(image.path), texts, image.metadata))
     indexes = stage_version(
         staged,
         image_rows=image_rows,

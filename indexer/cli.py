@@ -12,7 +12,7 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +20,13 @@ from indexer.errors import BuildError, UsageError
 from indexer.faiss_index import INDEX_OPTIONS, IndexPolicy
 from indexer.shards import Shard
 from indexer.store import (
+    MetadataField,
     StoreError,
     VersionNotFoundError,
     list_versions,
     read_current,
     read_manifest,
+    read_metadata_fields,
     verify_version,
     version_dir,
 )
@@ -97,7 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         metavar="PATH",
         help="gallery: a folder (recursive; jpg jpeg png webp bmp tiff gif) or a "
-        "JSONL/CSV manifest with path, optional id and captions",
+        "JSONL/CSV manifest with path, optional id and captions; a manifest's other keys / "
+        "columns become filterable metadata (strings, numbers, booleans, lists of strings; "
+        "one type per field; CSV cells are strings unless the whole column parses as numbers)",
     )
     build.add_argument(
         "--captions",
@@ -203,8 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     info = commands.add_parser(
         "info",
-        help="show a version's manifest in readable form",
-        description="Show the published (or a given) version's manifest.",
+        help="show a version's manifest and metadata fields in readable form",
+        description="Show the published (or a given) version's manifest and the metadata "
+        "fields its searches can filter on.",
     )
     info.add_argument("root", type=Path, metavar="INDEX_ROOT")
     info.add_argument("--version", metavar="V", help="a version name (default: CURRENT)")
@@ -316,8 +321,13 @@ def _human_bytes(size: float) -> str:
     return f"{size:.1f} GB"
 
 
-def format_manifest(manifest: dict[str, Any], current: str | None) -> str:
-    """The readable form of a manifest that ``info`` prints."""
+def format_manifest(
+    manifest: dict[str, Any],
+    current: str | None,
+    fields: Mapping[str, MetadataField] | None = None,
+) -> str:
+    """The readable form of a manifest (and the version's metadata ``fields``) that ``info``
+    prints."""
     marker = " (CURRENT)" if manifest["version"] == current else ""
     model = manifest["model"]
     build = manifest.get("build", {})
@@ -340,6 +350,8 @@ def format_manifest(manifest: dict[str, Any], current: str | None) -> str:
             f"recall@10 {index.get('recall_at_10')} on {index.get('recall_queries')} queries"
             + (f"; from {source['path']} ({source['format']})" if source else "")
         )
+    described = ", ".join(f"{name} ({field.type})" for name, field in (fields or {}).items())
+    lines.append(f"metadata     {described or 'no fields'}")
     linked = manifest["counts"].get("captions_linked_to_images", 0)
     lines.append(f"linked       {linked} captions link to a gallery image")
     reasons = ", ".join(
@@ -374,7 +386,10 @@ def _cmd_info(args: argparse.Namespace) -> int:
     if not directory.is_dir():
         raise UsageError(f"version {version} does not exist under {args.root}")
     manifest = read_manifest(directory)
-    print(json.dumps(manifest, indent=2) if args.json else format_manifest(manifest, current))
+    if args.json:
+        print(json.dumps(manifest, indent=2))
+    else:
+        print(format_manifest(manifest, current, read_metadata_fields(directory)))
     return EXIT_OK
 
 

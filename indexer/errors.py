@@ -1,4 +1,5 @@
-"""The two ways a build can fail, mapped to the CLI's exit codes by :mod:`indexer.cli`."""
+"""The indexer's error classes: the two ways a build can fail (mapped to the CLI's exit codes
+by :mod:`indexer.cli`), and the base class of index-store errors."""
 
 from __future__ import annotations
 
@@ -12,3 +13,7 @@ class UsageError(ValueError):
 
 class BuildError(RuntimeError):
     """The build ran but could not produce a version (exit code 1); ``CURRENT`` is untouched."""
+
+
+class StoreError(Exception):
+    """Base class of index-store errors (:mod:`indexer.store`); the message says what and where."""

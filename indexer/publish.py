@@ -36,6 +36,7 @@ import numpy as np
 
 from indexer.errors import UsageError
 from indexer.faiss_index import IndexPolicy, build_index, choose_kind
+from indexer.metadata import METADATA_FIELDS_SCHEMA, infer_field_types, write_field_values
 from indexer.store import (
     CURRENT_FILE,
     FORMAT_VERSION,
@@ -57,7 +58,8 @@ TEMP_PREFIX = ".tmp-"
 LOCK_FILE = ".build.lock"
 
 
-# A row to write is exactly the record the store reads back: (row, id, path, captions).
+# A row to write is exactly the record the store reads back: (row, id, path, captions,
+# metadata).
 ImageRow = ImageRecord
 
 
@@ -103,13 +105,19 @@ def fsync_dir(path: Path) -> None:
 
 
 def write_metadata(path: Path, images: Sequence[ImageRow], captions: Sequence[CaptionRow]) -> None:
-    """Write ``metadata.sqlite`` (schema in :data:`indexer.store.METADATA_SCHEMA`) and fsync it."""
+    """Write ``metadata.sqlite`` (schema in :data:`indexer.store.METADATA_SCHEMA` and
+    :data:`indexer.metadata.METADATA_FIELDS_SCHEMA`) and fsync it.
+
+    The images' metadata fields are typed over all ``images``; a value of another type than
+    its field's raises :class:`UsageError` naming the image.
+    """
+    types = infer_field_types((f"image {image.id!r}", image.metadata) for image in images)
     if path.exists():
         path.unlink()
     connection = sqlite3.connect(path)
     try:
         connection.execute("PRAGMA journal_mode = OFF")
-        connection.executescript(METADATA_SCHEMA)
+        connection.executescript(METADATA_SCHEMA + METADATA_FIELDS_SCHEMA)
         with connection:
             connection.executemany(
                 "INSERT INTO images (row, id, path) VALUES (?, ?, ?)",
@@ -128,6 +136,7 @@ def write_metadata(path: Path, images: Sequence[ImageRow], captions: Sequence[Ca
                 "VALUES (?, ?, ?, ?, ?)",
                 ((c.row, c.id, c.caption, c.image_id, c.image_ref) for c in captions),
             )
+            write_field_values(connection, [(image.row, image.metadata) for image in images], types)
     finally:
         connection.close()
     fsync_file(path)

@@ -10,6 +10,12 @@ Gallery (``--images``):
     and ``caption``. Relative paths are relative to the manifest's folder; ids default to
     the path as written.
 
+  A manifest's other keys (JSONL) or columns (CSV) are the images' metadata fields
+  (:mod:`indexer.metadata`): strings, numbers, booleans or lists of strings, one type per
+  field. CSV cells are strings, unless every non-empty cell of the column is a number
+  (``12``, ``-3.5``, ``1e3``): then the column is a number field. An empty CSV cell, like a
+  JSON ``null`` or a missing key, means no value.
+
 Captions (``--captions``), by extension:
   - ``.jsonl`` / ``.ndjson``: ``{"caption": ..., "id"?: ..., "image"?: <gallery id>}``
   - ``.txt``: one caption per non-blank line; the id is the line number;
@@ -25,12 +31,14 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from indexer.errors import UsageError
+from indexer.metadata import RESERVED_KEYS, infer_field_types
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
 REFUSED_EXTENSIONS = frozenset(
@@ -41,11 +49,13 @@ CAPTION_FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".txt": "text", ".json
 
 @dataclass(frozen=True)
 class GalleryImage:
-    """A candidate gallery image: its id, absolute resolved path, and captions from a manifest."""
+    """A candidate gallery image: its id, absolute resolved path, and the captions and
+    metadata fields (name -> value, as written) a manifest gives it."""
 
     id: str
     path: Path
     captions: tuple[str, ...] = ()
+    metadata: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -120,10 +130,29 @@ def read_gallery(path: Path) -> Gallery:
     images: list[GalleryImage] = []
     first_seen: dict[str, str] = {}
     base = path.resolve().parent
-    for origin, image_id, raw_path, captions in rows:
-        _check_unique("image", image_id, origin, first_seen)
-        images.append(GalleryImage(image_id, (base / raw_path).resolve(), captions))
+    entries = list(rows)
+    if kind == "csv":
+        entries = _typed_csv_columns(entries)
+    infer_field_types((entry.origin, entry.metadata) for entry in entries)  # one type per field
+    for entry in entries:
+        _check_unique("image", entry.image_id, entry.origin, first_seen)
+        images.append(
+            GalleryImage(
+                entry.image_id, (base / entry.raw_path).resolve(), entry.captions, entry.metadata
+            )
+        )
     return Gallery(path, kind, tuple(images))
+
+
+@dataclass(frozen=True)
+class _ManifestEntry:
+    """One manifest line as read, before paths are resolved."""
+
+    origin: str  # "file:line", for messages
+    image_id: str
+    raw_path: str
+    captions: tuple[str, ...]
+    metadata: dict[str, Any]
 
 
 def _scan_folder(folder: Path) -> Gallery:
@@ -144,7 +173,7 @@ def _scan_folder(folder: Path) -> Gallery:
     return Gallery(folder, "folder", tuple(images), ignored)
 
 
-def _gallery_jsonl_rows(path: Path) -> Iterator[tuple[str, str, str, tuple[str, ...]]]:
+def _gallery_jsonl_rows(path: Path) -> Iterator[_ManifestEntry]:
     for line_number, record in _jsonl_objects(path):
         origin = f"{path}:{line_number}"
         raw_path = record.get("path")
@@ -152,10 +181,15 @@ def _gallery_jsonl_rows(path: Path) -> Iterator[tuple[str, str, str, tuple[str, 
             raise UsageError(f"{origin}: expected a non-empty string 'path', got {raw_path!r}")
         image_id = _id_text(record.get("id", raw_path), origin)
         captions = _caption_list(record.get("captions"), record.get("caption"), origin)
-        yield origin, image_id, raw_path, captions
+        metadata = {
+            name: value
+            for name, value in record.items()
+            if name not in RESERVED_KEYS and value is not None
+        }
+        yield _ManifestEntry(origin, image_id, raw_path, captions, metadata)
 
 
-def _gallery_csv_rows(path: Path) -> Iterator[tuple[str, str, str, tuple[str, ...]]]:
+def _gallery_csv_rows(path: Path) -> Iterator[_ManifestEntry]:
     lines_read = 0  # csv's line_num lags behind a failing record: count lines for errors
 
     def counted(stream: Iterable[str]) -> Iterator[str]:
@@ -179,11 +213,68 @@ def _gallery_csv_rows(path: Path) -> Iterator[tuple[str, str, str, tuple[str, ..
                 image_id = (record.get("id") or "").strip() or raw_path
                 joined = record.get("captions") or ""
                 captions = [c.strip() for c in joined.split("|")] + [record.get("caption") or ""]
-                yield origin, image_id, raw_path, tuple(c.strip() for c in captions if c.strip())
+                metadata = {
+                    name: value.strip()
+                    for name, value in record.items()
+                    if isinstance(name, str)
+                    and name not in RESERVED_KEYS
+                    and isinstance(value, str)
+                    and value.strip()
+                }
+                yield _ManifestEntry(
+                    origin,
+                    image_id,
+                    raw_path,
+                    tuple(c.strip() for c in captions if c.strip()),
+                    metadata,
+                )
         except UnicodeDecodeError as exc:
             raise _not_utf8(path, exc) from exc
         except csv.Error as exc:
             raise UsageError(f"{path}:{lines_read}: malformed CSV ({exc})") from exc
+
+
+_CSV_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+_CSV_INTEGER = re.compile(r"[+-]?\d+")
+
+
+def _typed_csv_columns(entries: list[_ManifestEntry]) -> list[_ManifestEntry]:
+    """CSV metadata cells as numbers in the columns where every non-empty cell is one."""
+    columns = {name for entry in entries for name in entry.metadata}
+    numeric = {
+        name
+        for name in columns
+        if all(
+            _CSV_NUMBER.fullmatch(entry.metadata[name])
+            for entry in entries
+            if name in entry.metadata
+        )
+    }
+    if not numeric:
+        return entries
+    return [
+        replace(
+            entry,
+            metadata={
+                name: _csv_number(value, entry.origin, name) if name in numeric else value
+                for name, value in entry.metadata.items()
+            },
+        )
+        for entry in entries
+    ]
+
+
+def _csv_number(text: str, origin: str, name: str) -> int | float:
+    """A numeric cell's number; a :class:`UsageError` naming ``origin`` for one too long for
+    Python to convert (over 4300 digits); :func:`infer_field_types` refuses one beyond the
+    range of a float."""
+    try:
+        return int(text) if _CSV_INTEGER.fullmatch(text) else float(text)
+    except ValueError as exc:
+        raise UsageError(
+            f"{origin}: metadata field {name!r}: a number of {len(text)} characters "
+            f"({text[:20]}…) is beyond the range of a number"
+        ) from exc
 
 
 def _caption_list(captions: Any, caption: Any, origin: str) -> tuple[str, ...]:
@@ -364,6 +455,10 @@ def _jsonl_objects(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
             raise UsageError(f"{path}:{line_number}: invalid JSON ({exc.msg})") from exc
+        except ValueError as exc:  # an integer of over 4300 digits
+            raise UsageError(f"{path}:{line_number}: invalid JSON ({exc})") from exc
+        except RecursionError as exc:
+            raise UsageError(f"{path}:{line_number}: invalid JSON (nested too deeply)") from exc
         if not isinstance(record, dict):
             raise UsageError(
                 f"{path}:{line_number}: expected a JSON object, got {line.strip()[:80]}"

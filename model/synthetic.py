@@ -462,6 +462,35 @@ def _write_atomic(path: Path, lines: Iterable[str]) -> None:
         partial.unlink(missing_ok=True)
 
 
+def gallery_record(example: Example) -> dict[str, Any]:
+    """One ``gallery.jsonl`` line: id, path and metadata fields from the scene spec (object
+    count, colours, shapes and sizes) that the indexer stores as filterable metadata."""
+    objects = example.scene.objects
+    return {
+        "id": example.filename,
+        "path": f"{IMAGES_DIRNAME}/{example.filename}",
+        "objects": len(objects),
+        "colours": sorted({obj.colour for obj in objects}),
+        "shapes": sorted({obj.shape for obj in objects}),
+        "sizes": sorted({obj.size for obj in objects}),
+    }
+
+
+def write_gallery_manifest(out_dir: Path, examples: list[Example]) -> None:
+    """Write ``gallery.jsonl`` (the test images) atomically, unless it already holds exactly
+    these lines. Only this file: a folder written by an earlier generator gets the current
+    gallery fields without its images being drawn again."""
+    path = Path(out_dir) / GALLERY_FILENAME
+    lines = [json.dumps(gallery_record(ex)) + "\n" for ex in examples if ex.split == "test"]
+    try:
+        if path.read_text(encoding="utf-8") == "".join(lines):
+            return
+    except (OSError, UnicodeDecodeError):
+        pass
+    _write_atomic(path, lines)
+    logger.info("wrote %s (%d images)", path, len(lines))
+
+
 def _sentids(examples: list[Example]) -> dict[int, list[int]]:
     """Caption ids per ``imgid``: consecutive over the dataset, full captions before partial."""
     ids: dict[int, list[int]] = {}
@@ -541,14 +570,16 @@ def write_dataset(out_dir: str | Path, config: SyntheticConfig, *, force: bool =
     ``tokens``, ``imgid``, ``sentid``; plus ``scene`` and ``twin_of``; top level ``config`` and
     ``generator_version``), and ``captions.jsonl`` with one ``{"id", "caption", "image"}``
     line per test caption (``image`` relative to ``images/``), and ``gallery.jsonl``, the test
-    images as an indexer manifest (``{"id", "path"}``, the demo gallery). Does nothing when the folder
-    already holds this dataset, unless ``force``. ``dataset.json`` is written last and
+    images as an indexer manifest (``{"id", "path"}`` and metadata fields, the demo gallery:
+    :func:`gallery_record`). When the folder already holds this dataset (and not ``force``)
+    only ``gallery.jsonl`` is brought up to date. ``dataset.json`` is written last and
     atomically, so its presence means the rest is complete.
     """
     out_dir = Path(out_dir)
     dataset_path = out_dir / DATASET_FILENAME
     if not force and dataset_is_current(out_dir, config):
         logger.info("%s is up to date with %s", dataset_path, config)
+        write_gallery_manifest(out_dir, read_examples(dataset_path))
         return dataset_path
     examples = generate(config)
     images_dir = out_dir / IMAGES_DIRNAME
@@ -571,14 +602,7 @@ def write_dataset(out_dir: str | Path, config: SyntheticConfig, *, force: bool =
             for sentid, raw in zip(sentids[ex.imgid], ex.captions, strict=False)
         ),
     )
-    _write_atomic(
-        out_dir / GALLERY_FILENAME,
-        (
-            json.dumps({"id": ex.filename, "path": f"{IMAGES_DIRNAME}/{ex.filename}"}) + "\n"
-            for ex in examples
-            if ex.split == "test"
-        ),
-    )
+    write_gallery_manifest(out_dir, examples)
     # One image record a line after a first line with everything else: valid JSON that
     # :func:`dataset_is_current` checks from its first line, and that diffs line by line.
     header = {
@@ -703,6 +727,7 @@ def main(argv: list[str] | None = None) -> int:
             PRESETS[args.preset], **{k: v for k, v in overrides.items() if v is not None}
         )
         if not args.force and dataset_is_current(args.out, config):
+            write_gallery_manifest(args.out, read_examples(args.out / DATASET_FILENAME))
             print(f"{args.out / DATASET_FILENAME} is up to date ({args.preset} preset)")
             return 0
         start = time.perf_counter()
