@@ -27,7 +27,7 @@ from service.index_holder import IndexHolder
 from service.metrics import MetricsMiddleware, ServiceMetrics
 from service.rerank import Reranker, load_reranker
 from service.retrieval import EncodeBatch, Encoder, InputT, image_encoder, text_encoder
-from service.routes import admin, docs, health, images, pages, search
+from service.routes import admin, docs, health, image_search, images, pages, search
 from service.settings import Settings, SettingsError, load_settings, require_serving_paths
 from service.state import ServiceState, reload_served_index
 from service.uploads import BodySizeLimitMiddleware
@@ -228,7 +228,7 @@ def create_app(
     app = FastAPI(
         title="vldeformer",
         version="0.1.0",
-        summary="Cross-modal retrieval: text → images and image → captions.",
+        summary="Cross-modal retrieval: text → images, image → captions, more like this.",
         description=(
             "Queries are encoded on the fly by the decomposed VLDeformer (one ViLT encoding a "
             "text or an image alone) and searched in the index the indexer published. Every "
@@ -243,6 +243,7 @@ def create_app(
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_upload_bytes)
     app.add_middleware(MetricsMiddleware, metrics=metrics)  # outermost: counts 413s too
     app.include_router(search.build_router(settings))
+    app.include_router(image_search.build_router(settings))
     app.include_router(images.router)
     app.include_router(health.router)
     if settings.reload_token is not None:

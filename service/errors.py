@@ -109,6 +109,13 @@ class InvalidInput(ServiceError):
     code = "validation_error"
 
 
+class InvalidFilter(InvalidInput):
+    """A metadata filter naming an unknown field, or an operator or value its field's type
+    does not take; ``details`` lists the known fields."""
+
+    code = "invalid_filter"
+
+
 class EncodeFailed(ServiceError):
     """The encoder failed on this query, tried alone; the other queries of its batch were
     answered."""
@@ -155,9 +162,27 @@ def error_response(
     details: list[dict[str, Any]] | None = None,
     headers: dict[str, str] | None = None,
 ) -> JSONResponse:
-    """A JSON error response in the service's one error shape."""
+    """A JSON error response in the service's one error shape. Text that cannot be written
+    as UTF-8 (lone surrogates, e.g. a field name sent as ``"\\ud800"``) is shown escaped."""
     body = ErrorResponse(error=ErrorBody(code=code, message=message, details=details))
-    return JSONResponse(body.model_dump(mode="json"), status_code=status_code, headers=headers)
+    return JSONResponse(
+        _utf8_safe(body.model_dump(mode="json")), status_code=status_code, headers=headers
+    )
+
+
+def _utf8_safe(value: Any) -> Any:
+    """``value`` (JSON data) with every string's lone surrogates replaced by their escapes."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return value.encode("utf-8", "backslashreplace").decode("utf-8")
+        return value
+    if isinstance(value, dict):
+        return {_utf8_safe(key): _utf8_safe(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_utf8_safe(item) for item in value]
+    return value
 
 
 def error_responses(*status_codes: int) -> dict[int | str, dict[str, Any]]:
@@ -169,7 +194,8 @@ def error_responses(*status_codes: int) -> dict[int | str, dict[str, Any]]:
         409: "The new index version failed validation; the old one keeps serving.",
         413: "Body over the upload limit, or image over the pixel limit.",
         415: "Content type or image format outside the allowed list.",
-        422: "A field is missing, has the wrong type, or is out of range.",
+        422: "A field is missing, has the wrong type, or is out of range; or a metadata filter "
+        "names an unknown field (the known ones are listed) or misuses an operator.",
         500: "The encoder failed on this query alone (its batch's other queries were "
         "answered), or an internal error (sent with Connection: close).",
         503: "Not ready (no model or index loaded) or overloaded (see Retry-After).",

@@ -10,7 +10,6 @@ decoding, EXIF orientation, any mode → RGB); its errors become 400 / 413 / 415
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import dataclass
 
 from PIL import Image
@@ -49,7 +48,9 @@ RAW_IMAGE_TYPES: tuple[str, ...] = (
 # processor resizes to a 384-pixel short side and at most 640 pixels long side anyway.
 MAX_DECODED_SIDE = 1024
 _URLENCODED_FORM = "application/x-www-form-urlencoded"
-_INTEGER = re.compile(r"^-?[0-9]{1,9}$")
+# The text parts an image search reads besides `image` (each overrides its query parameter).
+OPTION_PARTS: tuple[str, ...] = ("k", "offset", "min_score", "filter")
+MAX_OPTION_PART_BYTES = 8192  # a filter is a few hundred bytes; k, offset, min_score a few
 
 
 class _BodyTooLarge(StarletteHTTPException):
@@ -121,22 +122,24 @@ def _content_length(scope: Scope) -> int | None:
 
 @dataclass(frozen=True)
 class ImageUpload:
-    """The bytes of an uploaded image and the ``k`` form field, if one was sent."""
+    """The bytes of an uploaded image and the option parts (:data:`OPTION_PARTS`) sent with
+    it, as text: ``{"k": "5", "filter": "{...}"}``."""
 
     data: bytes
-    k_field: str | None
+    fields: dict[str, str]
 
 
 async def read_image_upload(request: Request) -> ImageUpload:
-    """Read a multipart ``image`` part (+ optional ``k`` part) or a raw ``image/*`` body.
+    """Read a multipart ``image`` part (+ optional option parts: ``k``, ``offset``,
+    ``min_score``, ``filter``) or a raw ``image/*`` body.
 
     Raises 415 for any other content type, 400 for a malformed multipart body, 422 when the
-    ``image`` part is missing (a urlencoded form has none) or empty. The body-size limit
-    applies while reading.
+    ``image`` part is missing (a urlencoded form has none) or empty, or an option part is over
+    :data:`MAX_OPTION_PART_BYTES`. The body-size limit applies while reading.
     """
     media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if media_type in RAW_IMAGE_TYPES:
-        return ImageUpload(data=_non_empty(await request.body(), "the request body"), k_field=None)
+        return ImageUpload(data=_non_empty(await request.body(), "the request body"), fields={})
     if media_type == _URLENCODED_FORM:
         # What a client sends for a form whose file part was left out (e.g. only `k`): the
         # problem is the missing image, not the encoding.
@@ -156,12 +159,21 @@ async def read_image_upload(request: Request) -> ImageUpload:
             raise _missing_image_part("the multipart body has no 'image' part")
         data = await image.read() if isinstance(image, UploadFile) else image.encode()
         _non_empty(data, "the 'image' part")
-        k_value = form.get("k")
-        if isinstance(k_value, UploadFile):
-            k_field: str | None = (await k_value.read(32)).decode("utf-8", "replace")
-        else:
-            k_field = k_value
-        return ImageUpload(data=data, k_field=k_field)
+        fields: dict[str, str] = {}
+        for name in OPTION_PARTS:
+            value = form.get(name)
+            if isinstance(value, UploadFile):
+                raw = await value.read(MAX_OPTION_PART_BYTES + 1)
+                value = raw.decode("utf-8", "replace")
+            if value is None:
+                continue
+            if len(value.encode("utf-8", "replace")) > MAX_OPTION_PART_BYTES:
+                raise InvalidInput(
+                    f"the {name!r} part is over {MAX_OPTION_PART_BYTES} bytes",
+                    details=[{"loc": ["body", name], "msg": "too long", "type": "too_long"}],
+                )
+            fields[name] = value
+        return ImageUpload(data=data, fields=fields)
     finally:
         await form.close()
 
@@ -187,16 +199,6 @@ def _non_empty(data: bytes, what: str) -> bytes:
             ],
         )
     return data
-
-
-def parse_k_field(value: str, max_k: int) -> int:
-    """The multipart ``k`` part as an int in ``[1, max_k]``, else 422 naming the value."""
-    if not _INTEGER.match(value) or not 1 <= int(value) <= max_k:
-        raise InvalidInput(
-            f"k must be an integer from 1 to {max_k}, got {value[:40]!r}",
-            details=[{"loc": ["body", "k"], "msg": f"must be 1..{max_k}", "type": "int_range"}],
-        )
-    return int(value)
 
 
 def decode_upload(data: bytes, max_pixels: int) -> Image.Image:

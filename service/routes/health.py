@@ -41,6 +41,7 @@ async def readyz(state: StateDep) -> ReadyResponse:
         rerank_available=state.reranker is not None,
         teacher_fingerprint=state.reranker.fingerprint if state.reranker is not None else None,
         rerank_problem=state.rerank_problem,
+        metadata_fields={name: f.type for name, f in index.metadata_fields.items()},
     )
 
 

@@ -1,61 +1,46 @@
-"""``POST /search/images`` (text → images) and ``POST /search/captions`` (image → captions).
+"""Text queries: ``POST /search/images`` (text → images) and ``POST /search/captions-by-text``
+(text → captions).
 
 Each route reads as its stages (:mod:`service.retrieval`, :mod:`service.rerank`): encode in the
-encoder's micro-batcher → search the target index and hydrate its records → optionally re-rank
-the shortlist with the teacher → the response.
+text micro-batcher → search the target index (restricted by the metadata filter) and hydrate
+its records → optionally re-rank the shortlist with the teacher → cut the page → the response.
 """
 
-# No `from __future__ import annotations`: FastAPI must see the per-app request model, a
-# local variable of build_router, when it reads the route signature.
+# No `from __future__ import annotations`: FastAPI must see the per-app request models, local
+# variables of build_router, when it reads the route signatures.
 
 import asyncio
 import time
-from typing import Annotated
-from urllib.parse import quote
 
-from fastapi import APIRouter, Query, Request
-from PIL import Image
+from fastapi import APIRouter, Request
 
-from service.deps import (
-    ImageBatcherDep,
-    IndexDep,
-    MetricsDep,
-    RerankerDep,
-    TextBatcherDep,
-)
+from service.deps import IndexDep, MetricsDep, RerankerDep, TextBatcherDep
 from service.errors import error_responses
-from service.rerank import DEFAULT_RERANK_K, MAX_RERANK_K, rerank_shortlist
+from service.options import FILTER_DESCRIPTION
+from service.rerank import rerank_shortlist
 from service.retrieval import CAPTIONS, IMAGES, require_target, retrieve
+from service.routes.results import caption_search_response, image_search_response
 from service.schemas import (
-    RERANK_DESCRIPTION,
-    RERANK_K_DESCRIPTION,
-    CaptionHit,
     CaptionSearchResponse,
-    ImageHit,
     ImageSearchResponse,
-    caption_request_body,
+    caption_text_request_model,
     text_search_request_model,
 )
 from service.settings import Settings
-from service.uploads import RAW_IMAGE_TYPES, decode_upload, parse_k_field, read_image_upload
 
-
-def image_url(request: Request, image_id: str) -> str:
-    """The path that serves a gallery image (``GET /images/{id}``), under the app's root path."""
-    return f"{request.scope.get('root_path', '')}/images/{quote(image_id, safe='')}"
-
-
-def _elapsed_ms(started: float) -> float:
-    return round((time.perf_counter() - started) * 1000.0, 3)
+PAGING_DESCRIPTION = (
+    " `offset` pages through the results (offset + k at most the largest k); `min_score` drops "
+    "results whose cosine (`retrieval_score`) is below it; `count` says how many came back."
+)
 
 
 def build_router(settings: Settings) -> APIRouter:
-    """The search router, with this deployment's limits in its request schemas."""
+    """The text search router, with this deployment's limits in its request schemas."""
     router = APIRouter(prefix="/search", tags=["search"])
     TextSearchRequest = text_search_request_model(
         settings.max_k, settings.max_text_chars, rerank_default=settings.rerank_default
     )
-    default_k = min(10, settings.max_k)
+    CaptionTextSearchRequest = caption_text_request_model(settings.max_k, settings.max_text_chars)
 
     @router.post(
         "/images",
@@ -66,8 +51,10 @@ def build_router(settings: Settings) -> APIRouter:
             "queries) and returns the k nearest gallery images by cosine similarity. With "
             "`rerank`, the teacher re-scores the best `rerank_k` (text, image) pairs in batched "
             "joint passes and they are re-ordered by its logit (`score`; the cosine stays in "
-            "`retrieval_score`). Without a loaded teacher the request is still answered, in "
-            "retrieval order with `reranked: false`; /readyz says why."
+            "`retrieval_score`); the page (`offset`, `k`) is cut from that order. Without a "
+            "loaded teacher the request is still answered, in retrieval order with "
+            f"`reranked: false`; /readyz says why. `filter`: {FILTER_DESCRIPTION}"
+            f"{PAGING_DESCRIPTION}"
         ),
         responses=error_responses(400, 404, 413, 422, 500, 503),
     )
@@ -81,11 +68,21 @@ def build_router(settings: Settings) -> APIRouter:
     ) -> ImageSearchResponse:
         started = time.perf_counter()
         require_target(index, IMAGES)
-        text, k, rerank_k = body.text, body.k, body.rerank_k  # type: ignore[attr-defined]
+        page = body.page(settings.max_k)  # type: ignore[attr-defined]
+        text, rerank_k = body.text, body.rerank_k  # type: ignore[attr-defined]
         teacher = reranker if body.rerank else None  # type: ignore[attr-defined]
         xq = await encoder.submit(text)
-        search_k = max(k, rerank_k) if teacher is not None else k
-        found = await asyncio.to_thread(retrieve, index, IMAGES, xq, search_k, metrics, "text")
+        depth = max(page.depth, rerank_k) if teacher is not None else page.depth
+        found = await asyncio.to_thread(
+            retrieve,
+            index,
+            IMAGES,
+            xq,
+            depth,
+            metrics,
+            "text",
+            metadata_filter=body.filter,  # type: ignore[attr-defined]
+        )
         reranked = False
         if teacher is not None:
             found, reranked = await rerank_shortlist(
@@ -95,108 +92,43 @@ def build_router(settings: Settings) -> APIRouter:
                 metrics.rerank_seconds.labels("text").observe,
                 teacher,
             )
-        results = [
-            ImageHit(
-                rank=rank,
-                id=hit.record.id,
-                score=hit.score,
-                retrieval_score=hit.retrieval_score,
-                url=image_url(request, hit.record.id),
-                captions=list(hit.record.captions),
-            )
-            for rank, hit in enumerate(found[:k], start=1)
-        ]
-        return ImageSearchResponse(
-            results=results,
-            k=k,
-            took_ms=_elapsed_ms(started),
-            index_version=index.version,
-            reranked=reranked,
+        return image_search_response(
+            request, page.cut(found), page, index, started, reranked=reranked
         )
 
     @router.post(
-        "/captions",
+        "/captions-by-text",
         response_model=CaptionSearchResponse,
-        summary="Find gallery captions for an image",
+        summary="Find gallery captions for a text",
         description=(
-            "Send the image as a multipart `image` part (optional `k` part) or as the raw body "
-            f"with Content-Type one of {', '.join(RAW_IMAGE_TYPES)}. The format is recognised "
-            "from the content, EXIF orientation is applied, any colour mode is converted to "
-            f"RGB. Limits: {settings.max_upload_bytes} bytes per body, "
-            f"{settings.max_image_pixels} pixels per image (checked before decoding). With "
-            "`rerank` (query string), the teacher re-scores the best `rerank_k` (caption, image) "
-            "pairs and they are re-ordered by its logit (`score`; the cosine stays in "
-            "`retrieval_score`). Without a loaded teacher the request is still answered, in "
-            "retrieval order with `reranked: false`; /readyz says why."
+            "Encodes the text with the decomposed text encoder and returns the k nearest "
+            "captions of the caption index by cosine similarity. There is no `rerank`: the "
+            "teacher scores (text, image) pairs, not two texts. `filter` applies to the "
+            f"metadata of the image each caption describes: {FILTER_DESCRIPTION}"
+            f"{PAGING_DESCRIPTION}"
         ),
-        responses=error_responses(400, 404, 413, 415, 422, 500, 503),
-        openapi_extra={"requestBody": caption_request_body(settings.max_k, RAW_IMAGE_TYPES)},
+        responses=error_responses(400, 404, 413, 422, 500, 503),
     )
-    async def search_captions(
-        request: Request,
+    async def search_captions_by_text(
+        body: CaptionTextSearchRequest,  # type: ignore[valid-type]
         index: IndexDep,
-        encoder: ImageBatcherDep,
-        reranker: RerankerDep,
+        encoder: TextBatcherDep,
         metrics: MetricsDep,
-        k: Annotated[
-            int,
-            Query(
-                ge=1,
-                le=settings.max_k,
-                description="How many captions to return (a multipart `k` part overrides it).",
-            ),
-        ] = default_k,
-        rerank: Annotated[bool, Query(description=RERANK_DESCRIPTION)] = settings.rerank_default,
-        rerank_k: Annotated[
-            int, Query(ge=1, le=MAX_RERANK_K, description=RERANK_K_DESCRIPTION)
-        ] = DEFAULT_RERANK_K,
     ) -> CaptionSearchResponse:
         started = time.perf_counter()
         require_target(index, CAPTIONS)
-        upload = await read_image_upload(request)
-        if upload.k_field is not None:
-            k = parse_k_field(upload.k_field, settings.max_k)
-
-        teacher = reranker if rerank else None
-        # The queue place is taken before decoding: a full queue answers 503 without decoding.
-        decoded: list[Image.Image] = []
-
-        async def decode() -> Image.Image:
-            decoded.append(
-                await asyncio.to_thread(decode_upload, upload.data, settings.max_image_pixels)
-            )
-            return decoded[0]
-
-        xq = await encoder.submit_prepared(decode)
-        search_k = max(k, rerank_k) if teacher is not None else k
-        found = await asyncio.to_thread(retrieve, index, CAPTIONS, xq, search_k, metrics, "image")
-        reranked = False
-        if teacher is not None:
-            image = decoded[0]
-            found, reranked = await rerank_shortlist(
-                found,
-                rerank_k,
-                lambda records: teacher.score_captions(image, [r.caption for r in records]),
-                metrics.rerank_seconds.labels("image").observe,
-                teacher,
-            )
-        results = [
-            CaptionHit(
-                rank=rank,
-                id=hit.record.id,
-                caption=hit.record.caption,
-                score=hit.score,
-                retrieval_score=hit.retrieval_score,
-                image_id=hit.record.image_id,
-            )
-            for rank, hit in enumerate(found[:k], start=1)
-        ]
-        return CaptionSearchResponse(
-            results=results,
-            k=k,
-            took_ms=_elapsed_ms(started),
-            index_version=index.version,
-            reranked=reranked,
+        page = body.page(settings.max_k)  # type: ignore[attr-defined]
+        xq = await encoder.submit(body.text)  # type: ignore[attr-defined]
+        found = await asyncio.to_thread(
+            retrieve,
+            index,
+            CAPTIONS,
+            xq,
+            page.depth,
+            metrics,
+            "text",
+            metadata_filter=body.filter,  # type: ignore[attr-defined]
         )
+        return caption_search_response(page.cut(found), page, index, started)
 
     return router

@@ -63,6 +63,28 @@ def _serve_command() -> list[str]:
     return [sys.executable, "-m", "service"]  # the same main(), before `pip install -e .`
 
 
+def _manifest_with_metadata(images: Path) -> Path:
+    """A JSONL gallery manifest next to ``images`` giving each image metadata to filter on:
+    ``half`` ("first" / "second" in name order) and ``position`` (0, 1, …)."""
+    names = sorted(path.name for path in images.iterdir())
+    manifest = images.parent / "gallery.jsonl"
+    manifest.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "id": name,
+                    "path": f"{images.name}/{name}",
+                    "half": "first" if 2 * i < len(names) else "second",
+                    "position": i,
+                }
+            )
+            + "\n"
+            for i, name in enumerate(names)
+        )
+    )
+    return manifest
+
+
 @pytest.fixture(scope="module")
 def served(tiny_vilt_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     base = tmp_path_factory.mktemp("e2e")
@@ -74,7 +96,7 @@ def served(tiny_vilt_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
         base / "gallery", n=100 if model_dir == DEMO_MODEL else 8, seed=3
     )
     root = base / "index"
-    build_index(model_dir, root, images, captions_file)
+    build_index(model_dir, root, _manifest_with_metadata(images), captions_file)
     port = _free_port()
     env = {
         **os.environ,
@@ -215,6 +237,14 @@ def _status_once_it_says(page: Any, words: str) -> str:
     return str(page.inner_text("#status"))
 
 
+def _shown_ids(page: Any) -> list[str]:
+    return list(
+        page.locator("#image-results li.result").evaluate_all(
+            "items => items.map(item => item.dataset.id)"
+        )
+    )
+
+
 def test_the_web_page_in_a_real_browser(served: Served, tmp_path: Path) -> None:
     chromium = _chromium_or_skip()
     from playwright.sync_api import sync_playwright
@@ -301,5 +331,36 @@ def test_the_web_page_in_a_real_browser(served: Served, tmp_path: Path) -> None:
                 "spans => spans.map(span => Number(span.dataset.score))"
             )
             assert scores[:10] == sorted(scores[:10], reverse=True)  # the shortlist (k=10 < 20)
+
+            # "More like this" on a result: other images, the clicked one not among them.
+            page.uncheck("#rerank")
+            before = _shown_ids(page)
+            clicked = before[1]
+            page.locator("#image-results li.result").nth(1).locator(".more-like-this").click()
+            status = _status_once_it_says(page, f"images like {clicked}")
+            after = _shown_ids(page)
+            assert clicked not in after and after != before
+            assert len(after) == min(10, gallery_size - 1)  # k others, itself left out
+            assert status.startswith(f"{len(after)} images like")
+
+            # A filter applies to the search: every result satisfies it, the count is shown.
+            page.fill("#filter", '{"half": "first"}')
+            page.fill("#text-query", served.captions[0]["caption"])
+            page.click("#text-search")
+            status = _status_once_it_says(page, "images in")
+            metadata = page.locator("#image-results li.result").evaluate_all(
+                "items => items.map(item => JSON.parse(item.dataset.metadata))"
+            )
+            assert metadata and all(fields["half"] == "first" for fields in metadata), metadata
+            assert len(metadata) == min(10, gallery_size // 2 + gallery_size % 2)
+            assert status.startswith(f"{len(metadata)} images in")
+            assert all(
+                "half: first" in text for text in page.locator(".metadata").all_inner_texts()
+            )
+            # A filter on an unknown field is refused with the server's reason.
+            page.fill("#filter", '{"album": "2024"}')
+            page.click("#text-search")
+            page.wait_for_selector("#status.error")
+            assert "album" in page.inner_text("#status")
         finally:
             context.close()

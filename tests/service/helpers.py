@@ -7,7 +7,7 @@ import hashlib
 import io
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +77,7 @@ class Gallery:
     image_ids: list[str]
     image_paths: list[Path]
     captions: list[tuple[str, str, str | None]]  # (id, text, image id)
+    metadata: list[dict[str, Any]] = field(default_factory=list)  # per image, in id order
 
 
 def publish_vectors(
@@ -88,6 +89,7 @@ def publish_vectors(
     image_vectors: np.ndarray,
     captions: Sequence[tuple[str, str, str | None]],
     caption_vectors: np.ndarray,
+    image_metadata: Sequence[dict[str, Any]] | None = None,
 ) -> str:
     """Publish a flat-index version with :func:`indexer.publish.publish_vectors` (build lock,
     staging, checksums, atomic switch); returns its name."""
@@ -95,9 +97,12 @@ def publish_vectors(
     for _, text, image_id in captions:
         if image_id is not None:
             linked.setdefault(image_id, []).append(text)
+    metadata = image_metadata or [{} for _ in image_ids]
     image_rows = [
-        ImageRow(row, image_id, str(Path(path).resolve()), tuple(linked.get(image_id, ())))
-        for row, (image_id, path) in enumerate(zip(image_ids, image_paths, strict=True))
+        ImageRow(row, image_id, str(Path(path).resolve()), tuple(linked.get(image_id, ())), fields)
+        for row, (image_id, path, fields) in enumerate(
+            zip(image_ids, image_paths, metadata, strict=True)
+        )
     ]
     caption_rows = [
         CaptionRow(row, caption_id, text, image_id, image_id)
@@ -112,6 +117,19 @@ def publish_vectors(
         caption_vectors=np.ascontiguousarray(caption_vectors, dtype=np.float32),
         index="flat",
     )
+
+
+GALLERY_COLOURS = ("red", "green", "blue")
+
+
+def gallery_metadata(i: int) -> dict[str, Any]:
+    """Image ``i``'s metadata fields: one of each type a filter can test."""
+    return {
+        "colour": GALLERY_COLOURS[i % 3],  # string
+        "number": i,  # number
+        "even": i % 2 == 0,  # boolean
+        "tags": ["first"] if i == 0 else ["odd"] if i % 2 else ["even", "pair"],  # string list
+    }
 
 
 def make_gallery(
@@ -151,6 +169,7 @@ def make_gallery(
         rng = np.random.default_rng(1)
         image_vectors = unit_rows(rng.standard_normal((n, dim)))
         caption_vectors = unit_rows(rng.standard_normal((2 * n, dim)))
+    metadata = [gallery_metadata(i) for i in range(n)]
     version = publish_vectors(
         root,
         fingerprint=fingerprint or encoder.fingerprint,
@@ -159,8 +178,9 @@ def make_gallery(
         image_vectors=image_vectors,
         captions=captions,
         caption_vectors=caption_vectors,
+        image_metadata=metadata,
     )
-    return Gallery(version, ids, paths, captions)
+    return Gallery(version, ids, paths, captions, metadata)
 
 
 def png_bytes(image: Image.Image, **save: object) -> bytes:

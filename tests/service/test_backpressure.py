@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from service.app import create_app
-from service.routes import search as search_routes
+from service.routes import image_search as image_search_routes
 from service.uploads import decode_upload
 from tests.service.conftest import ServiceEnv
 from tests.service.helpers import FakeEncoder, png_bytes
@@ -32,7 +32,7 @@ def test_queue_full_gives_exactly_k_immediate_503s(
         decoded.append(len(data))
         return decode_upload(data, max_pixels)
 
-    monkeypatch.setattr(search_routes, "decode_upload", counting_decode)
+    monkeypatch.setattr(image_search_routes, "decode_upload", counting_decode)
     settings = service_env.settings(queue_size=queue_size, batch_window_ms=20, retry_after_s=3)
     slow_encoder = FakeEncoder(delay_s=DELAY_S)  # same vectors and fingerprint, slower
     app = create_app(settings, load_encoder=lambda s: slow_encoder)

@@ -28,6 +28,12 @@ def test_healthz_and_readyz_when_ready(client: TestClient, service_env: ServiceE
         "rerank_available": False,
         "teacher_fingerprint": None,
         "rerank_problem": "no teacher is configured (VLD_TEACHER_DIR is unset)",
+        "metadata_fields": {
+            "colour": "string",
+            "even": "boolean",
+            "number": "number",
+            "tags": "string_list",
+        },
     }
 
 
@@ -155,7 +161,15 @@ def test_the_page_is_served_and_self_contained(client: TestClient) -> None:
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/html")
     html = response.text
-    for needed in ('id="text-query"', 'id="image-file"', "search/images", "search/captions"):
+    for needed in (
+        'id="text-query"',
+        'id="image-file"',
+        'id="filter"',
+        "search/images",
+        "search/captions",
+        "search/similar-images",
+        "more like this",
+    ):
         assert needed in html
     assert "http://" not in html and "https://" not in html  # no CDN, no external fetch
     example = client.get("/examples/query.png")

@@ -181,11 +181,11 @@ def test_an_unhandled_5xx_says_connection_close_so_the_next_request_reconnects(
     broken = {"on": True}
 
     def search_captions(
-        index: IndexVersion, xq: np.ndarray, k: int
+        index: IndexVersion, xq: np.ndarray, k: int, **options: Any
     ) -> tuple[np.ndarray, np.ndarray]:
         if broken["on"]:
             raise OSError("the index file went away")
-        return original(index, xq, k)
+        return original(index, xq, k, **options)
 
     monkeypatch.setattr(IndexVersion, "search_captions", search_captions)
     app = create_app(service_env.settings(), load_encoder=lambda s: service_env.encoder)

@@ -3,6 +3,8 @@ runtime the service can load the model with (real tiny model, loaded by the app 
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 import torch
@@ -29,10 +31,10 @@ def test_query_vectors_are_unit_rows(
     original = IndexVersion.search
 
     def recording_search(
-        index: IndexVersion, modality: str, xq: np.ndarray, k: int
+        index: IndexVersion, modality: str, xq: np.ndarray, k: int, **options: Any
     ) -> tuple[np.ndarray, np.ndarray]:
         searched.append((modality, xq.copy()))
-        return original(index, modality, xq, k)  # type: ignore[arg-type]
+        return original(index, modality, xq, k, **options)  # type: ignore[arg-type]
 
     monkeypatch.setattr(IndexVersion, "search", recording_search)
     settings = tiny_model_env.settings(device=device, torch_threads=1)

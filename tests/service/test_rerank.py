@@ -230,3 +230,18 @@ def test_rerank_settings_are_validated() -> None:
         load_settings(rerank_cache_size=0)
     with pytest.raises(SettingsError, match="VLD_RERANK_DEFAULT"):
         load_settings(rerank_default="maybe")
+
+
+def test_a_reranked_page_is_cut_from_the_reranked_order(teacher_client: TestClient) -> None:
+    """With offset, the teacher re-orders the best rerank_k first; the page is cut after."""
+    whole = _search_images(teacher_client, k=6, rerank=True, rerank_k=6)
+    page = _search_images(teacher_client, k=2, offset=2, rerank=True, rerank_k=6)
+    assert whole["reranked"] and page["reranked"]
+    assert [hit["id"] for hit in page["results"]] == [hit["id"] for hit in whole["results"][2:4]]
+    assert [hit["rank"] for hit in page["results"]] == [3, 4]
+    assert page["count"] == 2 and page["offset"] == 2
+    # min_score compares the cosine, not the (unbounded) teacher logit.
+    threshold = sorted(hit["retrieval_score"] for hit in whole["results"])[3]
+    kept = _search_images(teacher_client, k=6, rerank=True, rerank_k=6, min_score=threshold)
+    assert kept["count"] == 3
+    assert all(hit["retrieval_score"] >= threshold for hit in kept["results"])

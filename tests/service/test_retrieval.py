@@ -14,6 +14,9 @@ from service.retrieval import (
     CAPTIONS,
     IMAGES,
     EncodeBatch,
+    Exclusion,
+    Page,
+    Scored,
     hydrate,
     require_target,
     retrieve,
@@ -67,3 +70,35 @@ def test_an_empty_target_is_refused_before_encoding() -> None:
 
     with pytest.raises(ModalityMissing, match="v-empty has no gallery images"):
         require_target(NoImages(), IMAGES)  # type: ignore[arg-type]
+
+
+def test_search_leaves_out_the_excluded_and_still_returns_k(shared_env: ServiceEnv) -> None:
+    gallery, encoder = shared_env.gallery, shared_env.encoder
+    with IndexVersion.open(shared_env.root) as index:
+        xq = encoder.text_vector(gallery.captions[4][1])  # image 2's vector: row 2 is nearest
+        plain = search(index, IMAGES, xq, 3, ServiceMetrics(), "text")
+        assert plain[0].row == 2
+        by_row = search(
+            index, IMAGES, xq, 3, ServiceMetrics(), "text", exclude=Exclusion(rows=frozenset({2}))
+        )
+        assert [hit.row for hit in by_row] == [
+            hit.row for hit in search(index, IMAGES, xq, 4, ServiceMetrics(), "text")
+        ][1:]
+        copies = Exclusion(min_cosine=0.9999)
+        assert [
+            h.row for h in search(index, IMAGES, xq, 3, ServiceMetrics(), "text", exclude=copies)
+        ] == [h.row for h in by_row]
+        only_blue = search(
+            index, IMAGES, xq, 6, ServiceMetrics(), "text", metadata_filter={"colour": "blue"}
+        )
+        assert sorted(hit.row for hit in only_blue) == [2, 5]
+
+
+def test_a_page_drops_low_scores_then_skips_offset() -> None:
+    results = [
+        Scored(record=i, retrieval_score=score) for i, score in enumerate([0.9, 0.8, 0.1, 0.7, 0.6])
+    ]
+    cut = Page(k=2, offset=1, min_score=0.5).cut(results)  # type: ignore[arg-type]
+    assert [r.record for r in cut] == [1, 3]  # 0.1 dropped before the offset counts
+    assert Page(k=2, offset=4).cut(results) == results[4:]  # type: ignore[arg-type]
+    assert Page(k=3, offset=2).depth == 5
