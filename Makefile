@@ -17,7 +17,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
 .PHONY: help install install-dev install-gpu lint format test coverage demo demo-data demo-index \
-        demo-model bench bench-paper bench-queries bench-rerank bench-indexer bench-search bench-service clean
+        demo-model bench bench-paper bench-queries bench-rerank bench-indexer bench-search bench-filter bench-service clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -97,6 +97,9 @@ bench-indexer: install  ## indexer throughput (CPU here; --device cuda on a GPU 
 
 bench-search: install  ## flat vs approximate search latency / recall at 10K..1M vectors
 	$(PY) bench/search_index.py
+
+bench-filter: install  ## filtered search (50%, 5%, 0.1% selectivity) latency / recall at 100K and 1M
+	$(PY) bench/filter_search.py
 
 bench-service: install  ## HTTP latency and throughput against a real uvicorn process
 	$(PY) bench/service_load.py
