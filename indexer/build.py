@@ -27,7 +27,13 @@ import torch
 
 from indexer.errors import BuildError, UsageError
 from indexer.faiss_index import INDEX_OPTIONS, IndexPolicy
-from indexer.pipeline import EncodeStats, ShardCallback, encode_caption_shards, encode_image_shards
+from indexer.pipeline import (
+    EncodeStats,
+    PipelineEncoder,
+    ShardCallback,
+    encode_caption_shards,
+    encode_image_shards,
+)
 from indexer.publish import (
     TEMP_PREFIX,
     BuildLock,
@@ -49,13 +55,15 @@ from indexer.sources import (
     read_captions,
     read_gallery,
 )
-from indexer.store import FORMAT_VERSION
+from indexer.store import DEFAULT_RUNTIME, FORMAT_VERSION
 from model.images import DEFAULT_MAX_PIXELS
+from model.runtime import RUNTIMES
 
 logger = logging.getLogger(__name__)
 
 BUILD_RECORD = "build.json"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+RUNTIME_OPTIONS = ("auto", *RUNTIMES)
 
 
 @dataclass(frozen=True)
@@ -68,7 +76,10 @@ class BuildConfig:
     captions: Path | None = None
     caption_split: str | None = None  # Karpathy split to keep (--split)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    dtype: str = "auto"  # auto = bfloat16 on a GPU, float32 on the CPU
+    dtype: str = "auto"  # auto = bfloat16 on a GPU, float32 on the CPU (torch runtime only)
+    # Encoder runtime (model.runtime). auto = torch on a GPU; on the CPU the first of
+    # onnx-int8, onnx, torch that passes its check (exports and checks on first use).
+    runtime: str = DEFAULT_RUNTIME
     batch_size: int | None = None  # images per forward pass; None = 256 on a GPU, 32 on the CPU
     workers: int | None = None  # decoding processes; None = one per core but one
     threads: int | None = None  # torch intra-op threads for encoding; None = torch's default
@@ -86,6 +97,13 @@ class BuildConfig:
             raise UsageError(f"--index must be one of {INDEX_OPTIONS}, got {self.index!r}")
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise UsageError(f"--dtype must be auto or one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.runtime not in RUNTIME_OPTIONS:
+            raise UsageError(f"--runtime must be one of {RUNTIME_OPTIONS}, got {self.runtime!r}")
+        if self.runtime not in ("torch", "auto") and self.dtype not in ("auto", "float32"):
+            raise UsageError(
+                f"--dtype {self.dtype} applies to --runtime torch only; "
+                f"--runtime {self.runtime} computes in float32"
+            )
         for name in ("batch_size", "shard_size", "max_pixels", "threads"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -164,23 +182,23 @@ def _build_locked(
     after_shard: ShardCallback | None,
 ) -> BuildResult:
     """Everything after the lock: load, encode, index, publish."""
-    model = _load_model(config)
-    dim = int(model.embedding_dim)
-    digest = _inputs_digest(config, gallery, corpus, model)
+    encoder = _load_encoder(config)
+    dim = int(encoder.embedding_dim)
+    digest = _inputs_digest(config, gallery, corpus, encoder)
     build_dir, version = _prepare_build_dir(root, digest, config)
     logger.info("building version %s in %s", version, build_dir)
     images = captions = None
     if gallery is not None:
-        images = _encode_images(model, gallery, build_dir, dim, config, after_shard)
+        images = _encode_images(encoder, gallery, build_dir, dim, config, after_shard)
     if corpus is not None:
-        captions = _encode_captions(model, corpus, build_dir, dim, config, after_shard)
-    device = str(model.device.type)
+        captions = _encode_captions(encoder, corpus, build_dir, dim, config, after_shard)
+    device = str(encoder.device.type)
     staged = build_dir / "version"
     if staged.exists():
         shutil.rmtree(staged)
     staged.mkdir()
     manifest = _write_version(
-        staged, version, config, model, gallery, corpus, images, captions, device
+        staged, version, config, encoder, gallery, corpus, images, captions, device
     )
     manifest["build"]["seconds"] = round(time.perf_counter() - started, 3)
     manifest = write_manifest(staged, _with_rates(manifest, images, captions))
@@ -189,49 +207,90 @@ def _build_locked(
     return BuildResult(version, directory, manifest)
 
 
-def _load_model(config: BuildConfig) -> Any:
+def _load_encoder(config: BuildConfig) -> PipelineEncoder:
+    """The encoder of ``config.runtime``; every way it cannot load is a :class:`UsageError`."""
     from model import CheckpointError, VLDeformer
     from model.backbone import resolve_device
+    from model.runtime import RuntimeUnavailable, TorchEncoder, load_encoder
 
     if not Path(config.model_dir).is_dir():
         raise UsageError(f"--model {config.model_dir}: no such directory")
+    # The ONNX runtimes run on the CPU: there --device auto means the CPU, not a GPU.
+    device_name = (
+        "cpu" if config.runtime.startswith("onnx") and config.device == "auto" else config.device
+    )
     try:
-        device = resolve_device(config.device)
+        device = resolve_device(device_name)
     except (CheckpointError, RuntimeError) as exc:  # CUDA missing, or not a device name
         raise UsageError(f"--device {config.device}: {exc}") from exc
-    dtype = DTYPES.get(config.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    runtime = _resolve_runtime(config, device)
+    if runtime != "torch" and device.type != "cpu":
+        raise UsageError(
+            f"--runtime {runtime} runs on the CPU only, got --device {config.device}; "
+            "use --device cpu, or --runtime torch on a GPU"
+        )
+    encoder: PipelineEncoder
     try:
-        model = VLDeformer.from_pretrained(config.model_dir, device=device, dtype=dtype)
+        if runtime == "torch":
+            dtype = DTYPES.get(
+                config.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32
+            )
+            network = VLDeformer.from_pretrained(config.model_dir, device=device, dtype=dtype)
+            encoder = TorchEncoder(network)
+        else:
+            encoder = load_encoder(config.model_dir, runtime, threads=config.threads)
+    except RuntimeUnavailable as exc:
+        raise UsageError(f"--runtime {runtime}: {exc}") from exc
     except (CheckpointError, OSError, ValueError, RuntimeError) as exc:
         raise UsageError(f"--model {config.model_dir} does not load: {exc}") from exc
     logger.info(
-        "loaded model %s on %s (%s, dim %d, fingerprint %s…)",
+        "loaded model %s with the %s runtime on %s (%s, dim %d, fingerprint %s…)",
         config.model_dir,
-        model.device,
-        dtype,
-        model.embedding_dim,
-        model.fingerprint[:12],
+        encoder.runtime,
+        encoder.device,
+        encoder.dtype,
+        encoder.embedding_dim,
+        encoder.fingerprint[:12],
     )
-    return model
+    return encoder
+
+
+def _resolve_runtime(config: BuildConfig, device: torch.device) -> str:
+    """``config.runtime``, with ``auto`` made concrete: torch on a GPU, else the fastest that
+    passes its check (:func:`model.runtime.pick_default_runtime`)."""
+    if config.runtime != "auto":
+        return config.runtime
+    if device.type != "cpu":
+        return "torch"
+    from model.runtime import pick_default_runtime
+
+    runtime = pick_default_runtime(config.model_dir)
+    logger.info("--runtime auto: %s", runtime)
+    return runtime
 
 
 def _inputs_digest(
-    config: BuildConfig, gallery: Gallery | None, corpus: CaptionCorpus | None, model: Any
+    config: BuildConfig,
+    gallery: Gallery | None,
+    corpus: CaptionCorpus | None,
+    encoder: PipelineEncoder,
 ) -> str:
     """What a resumable build must share: inputs (with file sizes and mtimes), model, sharding.
 
-    The model counts with its dtype and device type: shards of another precision must not be
-    mixed into this build's vectors.
+    The model counts with its runtime, dtype and device type: shards of another runtime or
+    precision must not be mixed into this build's vectors.
     """
     digest = hashlib.sha256()
-    header = {
+    header: dict[str, Any] = {
         "format": FORMAT_VERSION,
-        "model": model.fingerprint,
-        "dtype": str(next(model.parameters()).dtype),
-        "device": str(model.device.type),
+        "model": encoder.fingerprint,
+        "dtype": str(encoder.dtype),
+        "device": str(encoder.device.type),
         "shard_size": config.shard_size,
         "max_pixels": config.max_pixels,
     }
+    if encoder.runtime != DEFAULT_RUNTIME:  # absent for torch: builds interrupted before
+        header["runtime"] = encoder.runtime  # runtimes existed still resume
     digest.update(json.dumps(header, sort_keys=True).encode())
     for image in gallery.images if gallery else ():
         try:
@@ -269,20 +328,20 @@ def _prepare_build_dir(root: Path, digest: str, config: BuildConfig) -> tuple[Pa
 
 
 def _encode_images(
-    model: Any,
+    encoder: PipelineEncoder,
     gallery: Gallery,
     build_dir: Path,
     dim: int,
     config: BuildConfig,
     after_shard: ShardCallback | None,
 ) -> _Modality:
-    on_gpu = model.device.type == "cuda"
+    on_gpu = encoder.device.type == "cuda"
     workers = config.workers if config.workers is not None else max(1, (os.cpu_count() or 2) - 1)
     batch_size = config.batch_size or (256 if on_gpu else 32)
     ids = [image.id for image in gallery.images]
     store = ShardStore(build_dir / "shards" / "images", ids, config.shard_size, dim)
     stats = encode_image_shards(
-        model,
+        encoder,
         [str(image.path) for image in gallery.images],
         store,
         batch_size=batch_size,
@@ -303,19 +362,19 @@ def _encode_images(
 
 
 def _encode_captions(
-    model: Any,
+    encoder: PipelineEncoder,
     corpus: CaptionCorpus,
     build_dir: Path,
     dim: int,
     config: BuildConfig,
     after_shard: ShardCallback | None,
 ) -> _Modality:
-    on_gpu = model.device.type == "cuda"
+    on_gpu = encoder.device.type == "cuda"
     batch_size = config.batch_size or (256 if on_gpu else 64)
     ids = [caption.id for caption in corpus.captions]
     store = ShardStore(build_dir / "shards" / "captions", ids, config.shard_size, dim)
     stats = encode_caption_shards(
-        model,
+        encoder,
         [caption.caption for caption in corpus.captions],
         store,
         batch_size=batch_size,
@@ -330,7 +389,7 @@ def _write_version(
     staged: Path,
     version: str,
     config: BuildConfig,
-    model: Any,
+    encoder: PipelineEncoder,
     gallery: Gallery | None,
     corpus: CaptionCorpus | None,
     images: _Modality | None,
@@ -371,8 +430,22 @@ def _write_version(
         device=device,
     )
     skipped = [*(images.skipped if images else []), *(captions.skipped if captions else [])]
+    check = encoder.check
     manifest = base_manifest(
-        version, model.fingerprint, int(model.embedding_dim), indexes, image_rows, caption_rows
+        version,
+        encoder.fingerprint,
+        int(encoder.embedding_dim),
+        indexes,
+        image_rows,
+        caption_rows,
+        runtime=encoder.runtime,
+        runtime_check=None
+        if check is None
+        else {
+            "min_cosine": check.min_cosine,
+            "mean_cosine": check.mean_cosine,
+            "recall_drop": check.recall_drop,
+        },
     )
     manifest["model"]["path"] = str(Path(config.model_dir).resolve())
     return {
@@ -396,7 +469,8 @@ def _write_version(
         "build": {
             "config": config.to_dict(),
             "device": device,
-            "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+            "runtime": encoder.runtime,
+            "dtype": str(encoder.dtype).removeprefix("torch."),
             "images": images.stats.to_dict() if images else None,
             "captions": captions.stats.to_dict() if captions else None,
         },

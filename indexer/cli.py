@@ -20,6 +20,7 @@ from indexer.errors import BuildError, UsageError
 from indexer.faiss_index import INDEX_OPTIONS, IndexPolicy
 from indexer.shards import Shard
 from indexer.store import (
+    DEFAULT_RUNTIME,
     MetadataField,
     StoreError,
     VersionNotFoundError,
@@ -127,6 +128,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="model weights dtype; auto = bfloat16 on a GPU, float32 on the CPU",
     )
     build.add_argument(
+        "--runtime",
+        default="torch",
+        choices=["torch", "onnx", "onnx-int8", "auto"],
+        help="encoder runtime: torch; onnx / onnx-int8 = ONNX Runtime fp32 / int8 on the CPU, "
+        "exported once next to the checkpoint and refused when its vectors differ from torch "
+        "fp32 (cosine < 0.99); auto = torch on a GPU, else the first of onnx-int8, onnx, torch "
+        "that passes that check (the first run exports and checks each, then the cache is "
+        "used). The default stays torch: the exports are new, and auto loads the model once "
+        "more to choose. The manifest records the runtime (default: torch)",
+    )
+    build.add_argument(
         "--batch-size",
         type=_positive_int,
         metavar="N",
@@ -142,8 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--threads",
         type=_positive_int,
         metavar="N",
-        help="torch threads for encoding on the CPU (default: torch's; fewer when --workers "
-        "processes share the cores)",
+        help="threads for encoding on the CPU: torch's intra-op threads, or ONNX Runtime's "
+        "(default: the runtime's own; with torch, fewer when --workers processes share the "
+        "cores)",
     )
     build.add_argument(
         "--index",
@@ -296,6 +309,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
         caption_split=args.split,
         device=args.device,
         dtype=args.dtype,
+        runtime=args.runtime,
         batch_size=args.batch_size,
         workers=args.workers,
         threads=args.threads,
@@ -335,6 +349,7 @@ def format_manifest(
         f"version      {manifest['version']}{marker}",
         f"created_at   {manifest.get('created_at')}",
         f"model        {model.get('path')} (fingerprint {model['fingerprint'][:16]}…, dim {manifest['dim']})",
+        f"runtime      {_describe_runtime(model)}",
         f"metric       {manifest.get('metric')} over L2-normalised vectors",
     ]
     for name in ("images", "captions"):
@@ -372,6 +387,20 @@ def format_manifest(
             f"file         {name:<16} {_human_bytes(info['bytes']):>9}  sha256 {info['sha256'][:16]}…"
         )
     return "\n".join(lines)
+
+
+def _describe_runtime(model: Mapping[str, Any]) -> str:
+    """``onnx-int8 (checked against torch fp32: min cosine 0.99871, ...)``, or ``torch``."""
+    runtime = str(model.get("runtime") or DEFAULT_RUNTIME)
+    check = model.get("runtime_check")
+    if not check:
+        return runtime if "runtime" in model else f"{runtime} (not recorded: an older build)"
+    recall = check.get("recall_drop")
+    return (
+        f"{runtime} (checked against torch fp32: min cosine {check['min_cosine']:.5f}, "
+        f"mean {check['mean_cosine']:.5f}"
+        + (f", recall drop {recall:.2f} points)" if recall is not None else ")")
+    )
 
 
 def _cmd_info(args: argparse.Namespace) -> int:

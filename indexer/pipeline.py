@@ -4,9 +4,10 @@ Images: a ``DataLoader`` over :class:`ImageDecodeDataset` decodes (``model.image
 and preprocesses each file in ``workers`` processes, collates batches there, and hands them
 to the main process, which runs the forward pass meanwhile (decoding of the next batches
 overlaps the current forward pass; ``workers=0`` decodes in-process). A file that cannot be
-used becomes a skipped item with the decoder's reason, never an exception.
+used becomes a skipped item with the decoder's reason, never an exception. The forward pass
+is the encoder runtime's (:mod:`model.runtime`: torch or ONNX Runtime), on the same pixels.
 
-Captions: ``VLDeformer.encode_text`` batch by batch. Both write :mod:`indexer.shards`, so
+Captions: the runtime's ``encode_text`` batch by batch. Both write :mod:`indexer.shards`, so
 an interrupted build resumes from the last finished shard.
 """
 
@@ -17,7 +18,7 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeAlias
 
 import numpy as np
 import torch
@@ -34,10 +35,13 @@ from model.images import (
     preprocess_image,
 )
 from model.modeling import autocast
+from model.runtime import OnnxEncoder, TorchEncoder
 
 logger = logging.getLogger(__name__)
 
 ShardCallback = Callable[[Shard], None]  # called after each shard is written
+# The encoders of model.runtime: both take preprocessed pixels (``encode_pixels``).
+PipelineEncoder: TypeAlias = TorchEncoder | OnnxEncoder
 
 
 @dataclass(frozen=True)
@@ -140,13 +144,8 @@ def _init_worker(worker_id: int) -> None:
     torch.set_num_threads(1)
 
 
-def _model_dtype(model: Any) -> torch.dtype:
-    dtype: torch.dtype = next(model.parameters()).dtype
-    return dtype
-
-
 def encode_image_shards(
-    model: Any,
+    encoder: PipelineEncoder,
     paths: Sequence[str],
     store: ShardStore,
     *,
@@ -156,10 +155,8 @@ def encode_image_shards(
     progress_interval_s: float = 10.0,
     after_shard: ShardCallback | None = None,
 ) -> EncodeStats:
-    """Encode every pending shard of ``store`` (positions index ``paths``) with ``model``.
-
-    ``model`` is a :class:`model.VLDeformer` (``image_processor``, ``encode_pixels``, ``device``).
-    """
+    """Encode every pending shard of ``store`` (positions index ``paths``) with ``encoder``:
+    its ``image_processor`` in the decoding workers, its ``encode_pixels`` in this process."""
     started = time.perf_counter()
     stats = EncodeStats()
     pending = store.pending()
@@ -171,9 +168,9 @@ def encode_image_shards(
         for shard in pending
         for start in range(shard.start, shard.stop, batch_size)
     ]
-    device = model.device
+    device = encoder.device
     loader = DataLoader(
-        ImageDecodeDataset(paths, model.image_processor, max_pixels),
+        ImageDecodeDataset(paths, encoder.image_processor, max_pixels),
         batch_sampler=batches,
         num_workers=workers,
         collate_fn=collate_decoded,
@@ -182,7 +179,7 @@ def encode_image_shards(
         prefetch_factor=4 if workers > 0 else None,
         persistent_workers=False,
     )
-    dtype = _model_dtype(model)
+    dtype = encoder.dtype
     threads = torch.get_num_threads()
     if device.type == "cpu" and workers > 0:
         # The decoding processes take cores; more intra-op threads would only fight them.
@@ -209,7 +206,7 @@ def encode_image_shards(
             if batch.pixel_values is not None and batch.pixel_mask is not None:
                 forward_started = time.perf_counter()
                 with torch.inference_mode(), autocast(device):
-                    vectors = model.encode_pixels(
+                    vectors = encoder.encode_pixels(
                         batch.pixel_values.to(device, dtype=dtype, non_blocking=True),
                         batch.pixel_mask.to(device, non_blocking=True),
                     )  # (B, D)
@@ -234,7 +231,7 @@ def encode_image_shards(
 
 
 def encode_caption_shards(
-    model: Any,
+    encoder: PipelineEncoder,
     texts: Sequence[str],
     store: ShardStore,
     *,
@@ -242,7 +239,7 @@ def encode_caption_shards(
     progress_interval_s: float = 10.0,
     after_shard: ShardCallback | None = None,
 ) -> EncodeStats:
-    """Encode every pending shard of ``store`` (positions index ``texts``) with ``model.encode_text``."""
+    """Encode every pending shard of ``store`` (positions index ``texts``) with ``encoder.encode_text``."""
     started = time.perf_counter()
     stats = EncodeStats()
     pending = store.pending()
@@ -256,7 +253,7 @@ def encode_caption_shards(
             for start in range(shard.start, shard.stop, batch_size):
                 stop = min(start + batch_size, shard.stop)
                 forward_started = time.perf_counter()
-                vectors = model.encode_text(list(texts[start:stop]), batch_size=batch_size)
+                vectors = encoder.encode_text(list(texts[start:stop]), batch_size=batch_size)
                 stats.encode_seconds += time.perf_counter() - forward_started
                 collected.add(list(range(start, stop)), vectors)
                 collected.seen += stop - start

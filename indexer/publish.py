@@ -25,7 +25,7 @@ import secrets
 import shutil
 import sqlite3
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -39,6 +39,7 @@ from indexer.faiss_index import IndexPolicy, build_index, choose_kind
 from indexer.metadata import METADATA_FIELDS_SCHEMA, infer_field_types, write_field_values
 from indexer.store import (
     CURRENT_FILE,
+    DEFAULT_RUNTIME,
     FORMAT_VERSION,
     INDEX_FILES,
     MANIFEST_CHECKSUM_FILE,
@@ -184,13 +185,25 @@ def base_manifest(
     indexes: dict[str, Any],
     image_rows: Sequence[ImageRow],
     caption_rows: Sequence[CaptionRow],
+    *,
+    runtime: str = DEFAULT_RUNTIME,
+    runtime_check: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The manifest fields every version has (``files`` is added by :func:`write_manifest`)."""
+    """The manifest fields every version has (``files`` is added by :func:`write_manifest`).
+
+    ``runtime`` is the encoder runtime the vectors came from and ``runtime_check`` the figures
+    of its export-time check against torch fp32 (None for torch itself).
+    """
     return {
         "format_version": FORMAT_VERSION,
         "version": version,
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "model": {"fingerprint": fingerprint, "embedding_dim": dim},
+        "model": {
+            "fingerprint": fingerprint,
+            "embedding_dim": dim,
+            "runtime": runtime,
+            "runtime_check": dict(runtime_check) if runtime_check is not None else None,
+        },
         "dim": dim,
         "metric": "inner_product",
         "normalized": True,
@@ -222,8 +235,10 @@ def publish_vectors(
     index: str = "auto",
     policy: IndexPolicy | None = None,
     extra: dict[str, Any] | None = None,
+    runtime: str = DEFAULT_RUNTIME,
 ) -> str:
-    """Publish a version from vectors already computed (tests, benchmarks, imports).
+    """Publish a version from vectors already computed (tests, benchmarks, imports), recorded
+    as made by the encoder ``runtime``.
 
     The same staging, checksums and atomic switch as a build; returns the version name.
     """
@@ -246,7 +261,7 @@ def publish_vectors(
             policy=policy,
         )
         manifest = base_manifest(
-            version, fingerprint, dims.pop(), indexes, image_rows, caption_rows
+            version, fingerprint, dims.pop(), indexes, image_rows, caption_rows, runtime=runtime
         )
         write_manifest(staged, {**manifest, **(extra or {})})
         publish_version(root, staged, version)

@@ -57,6 +57,8 @@ CURRENT_FILE = "CURRENT"
 MANIFEST_FILE = "manifest.json"
 MANIFEST_CHECKSUM_FILE = "manifest.json.sha256"
 METADATA_FILE = "metadata.sqlite"
+# The encoder runtime of a manifest that records none: every version built before runtimes.
+DEFAULT_RUNTIME = "torch"
 INDEX_FILES: dict[str, str] = {"images": "images.faiss", "captions": "captions.faiss"}
 VERSION_PATTERN = re.compile(r"^\d{8}T\d{6}Z-[0-9a-f]{6}$")
 
@@ -193,6 +195,12 @@ def read_manifest(directory: Path) -> dict[str, Any]:
     return dict(manifest)
 
 
+def manifest_runtime(manifest: Mapping[str, Any]) -> str:
+    """The encoder runtime (``torch``, ``onnx``, ``onnx-int8``) a version's vectors came from;
+    :data:`DEFAULT_RUNTIME` for manifests written before the indexer recorded it."""
+    return str(manifest["model"].get("runtime") or DEFAULT_RUNTIME)
+
+
 def _check_query(xq: np.ndarray, dim: int, k: int) -> None:
     if not isinstance(xq, np.ndarray) or xq.dtype != np.float32 or xq.ndim != 2:
         raise ValueError(
@@ -253,6 +261,7 @@ class IndexVersion:
         self.directory = directory
         self.manifest = manifest
         self.fingerprint: str = manifest["model"]["fingerprint"]
+        self.runtime: str = manifest_runtime(manifest)
         self.dim: int = int(manifest["dim"])
         self.image_count: int = int(manifest["counts"]["images"])
         self.caption_count: int = int(manifest["counts"]["captions"])

@@ -4,7 +4,8 @@
 protocol (:mod:`model.metrics`: R@1/5/10 both ways, RSUM, 5 captions per image; COCO 1K as the
 mean of 5 folds, COCO 5K, Flickr30k 1K) in up to three modes:
 
-- ``decomposed``: every image and caption encoded once, alone (:class:`model.VLDeformer`);
+- ``decomposed``: every image and caption encoded once, alone (:class:`model.VLDeformer`, or
+  the same model in another encoder runtime of :mod:`model.runtime`: ``--runtime onnx``);
   scores are dot products of the unit vectors.
 - ``early``: the undecomposed ViLT (:class:`model.EarlyInteraction`) scores *every* image-caption
   pair of a fold with a joint forward pass — the paper's baseline, ``n_images * n_captions``
@@ -51,6 +52,7 @@ from model.metrics import (
     retrieval_metrics,
 )
 from model.modeling import EarlyInteraction, VLDeformer
+from model.runtime import RUNTIMES, RuntimeEncoder, load_encoder
 
 logger = logging.getLogger(__name__)
 
@@ -123,7 +125,7 @@ def speedups(results: dict[str, ModeResult]) -> dict[str, float]:
 
 
 def evaluate(
-    model: VLDeformer | None,
+    model: VLDeformer | RuntimeEncoder | None,
     images: Sequence[Image.Image | str | Path],
     captions: Sequence[str],
     caption_to_image: np.ndarray,
@@ -140,8 +142,9 @@ def evaluate(
     """Evaluate retrieval on a gallery in the given modes.
 
     Args:
-        model: the decomposed model (needed by ``decomposed`` and ``hybrid``). It and the
-            teacher run in ``eval()`` mode (no dropout) and get their own mode back after.
+        model: the decomposed model (needed by ``decomposed`` and ``hybrid``), or an encoder
+            runtime of it (:func:`model.runtime.load_encoder`). Torch modules (it and the
+            teacher) run in ``eval()`` mode (no dropout) and get their own mode back after.
         images: ``n_images`` PIL images or image files (decoded on demand, one batch at a time).
         captions: ``n_captions`` captions; ``caption_to_image[c]`` is caption ``c``'s image index
             (:func:`model.data.group_by_image` gives all three).
@@ -215,9 +218,9 @@ def evaluate(
 
 
 @contextlib.contextmanager
-def _eval_mode(*modules: torch.nn.Module | None) -> Iterator[None]:
-    """Dropout off while evaluating; each module's train/eval mode restored after."""
-    present = [module for module in modules if module is not None]
+def _eval_mode(*modules: object) -> Iterator[None]:
+    """Dropout off while evaluating; each torch module's train/eval mode restored after."""
+    present = [module for module in modules if isinstance(module, torch.nn.Module)]
     was_training = [module.training for module in present]
     for module in present:
         module.eval()
@@ -229,7 +232,7 @@ def _eval_mode(*modules: torch.nn.Module | None) -> Iterator[None]:
 
 
 def _run_modes(
-    model: VLDeformer | None,
+    model: VLDeformer | RuntimeEncoder | None,
     teacher: EarlyInteraction | None,
     gallery: Gallery,
     captions: Sequence[str],
@@ -254,7 +257,7 @@ def _run_modes(
             image_vectors = np.zeros((len(gallery), model.embedding_dim), dtype=np.float32)
             text_vectors = np.zeros((len(captions), model.embedding_dim), dtype=np.float32)
             image_vectors[evaluated], text_vectors[needed_captions] = encode_gallery(
-                model,
+                model,  # type: ignore[arg-type]  # any encoder with encode_images / encode_text
                 gallery,
                 evaluated,
                 [captions[int(c)] for c in needed_captions],
@@ -365,6 +368,7 @@ class EvalConfig:
     max_images: int | None = None
     batch_size: int = 64
     device: str = "auto"
+    runtime: str = "torch"  # encoder runtime of the decomposed model (model.runtime)
     json_path: Path | None = None
     progress: bool = True
 
@@ -400,7 +404,7 @@ def run(config: EvalConfig) -> EvaluationReport:
         config.data_path, config.split, config.images_dir, config.max_images
     )
     model = (
-        VLDeformer.from_pretrained(config.model_path, device=config.device).eval()
+        _load_student(config.model_path, config.runtime, config.device)
         if config.model_path is not None and modes & _NEEDS_STUDENT
         else None
     )
@@ -426,6 +430,14 @@ def run(config: EvalConfig) -> EvaluationReport:
         config.json_path.parent.mkdir(parents=True, exist_ok=True)
         config.json_path.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
     return report
+
+
+def _load_student(model_path: Path, runtime: str, device: str) -> VLDeformer | RuntimeEncoder:
+    """The decomposed model under ``runtime``; the ONNX runtimes run on the CPU (so there
+    ``auto`` means the CPU). Raises :class:`model.runtime.RuntimeUnavailable` (a ValueError)."""
+    if runtime == "torch":
+        return VLDeformer.from_pretrained(model_path, device=device).eval()
+    return load_encoder(model_path, runtime, device="cpu" if device == "auto" else device)
 
 
 def _modes(text: str) -> tuple[str, ...]:
@@ -519,6 +531,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--device", default="auto", help="torch device: auto, cpu, cuda, cuda:1 (default: auto)"
     )
+    parser.add_argument(
+        "--runtime",
+        choices=RUNTIMES,
+        default="torch",
+        help="encoder runtime of the decomposed model (decomposed, hybrid): torch, or ONNX "
+        "Runtime fp32 / int8 on the CPU, exported and checked against torch on first use "
+        "(default: torch)",
+    )
     parser.add_argument("--json", type=Path, help="also write the full results to this JSON file")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     return parser
@@ -541,6 +561,7 @@ def main(argv: list[str] | None = None) -> int:
         max_images=args.max_images,
         batch_size=args.batch_size,
         device=args.device,
+        runtime=args.runtime,
         json_path=args.json,
         progress=not args.no_progress,
     )

@@ -2,8 +2,11 @@
 
 Settings come from ``VLD_*`` environment variables; the options below override them (every
 setting has one except the reload token, which stays in the environment).
+The model is loaded before uvicorn starts (uvicorn would load it in the lifespan anyway before
+taking connections), so a runtime that cannot be used ends in one line too.
 Exit codes: 0 clean shutdown, 1 start-up failed (model or index), 2 a missing or invalid
-setting (one line on stderr naming its variable, no traceback).
+setting, or a ``VLD_RUNTIME`` that cannot be used (one line on stderr naming its variable, no
+traceback).
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from pathlib import Path
 
 import uvicorn
 
-from service.app import create_app
+from service.app import create_app, load_model
 from service.protocol import JsonErrorH11Protocol
 from service.settings import (
     Settings,
@@ -52,6 +55,7 @@ def _parser() -> argparse.ArgumentParser:
         ("rerank_default", None),  # --rerank-default / --no-rerank-default
         ("rerank_cache_size", int),
         ("device", str),
+        ("runtime", str),
         ("torch_threads", int),
         ("host", str),
         ("port", int),
@@ -89,8 +93,21 @@ def main(argv: list[str] | None = None) -> int:
         level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    from model.runtime import RuntimeUnavailable  # heavy (torch): only once settings are valid
+
+    try:
+        encoder = load_model(settings)
+    except RuntimeUnavailable as exc:
+        message = " ".join(str(exc).split())  # one line, whatever the exporter said
+        print(f"error: {env_name('runtime')}={settings.runtime}: {message}", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        logging.getLogger(__name__).error(
+            "start-up failed: the model at %s does not load: %s", settings.model_dir, exc
+        )
+        return 1
     config = uvicorn.Config(
-        create_app(settings),
+        create_app(settings, load_encoder=lambda _: encoder),
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,

@@ -1,7 +1,7 @@
 """The FastAPI application: ``create_app(settings)``, and ``app_from_env`` for uvicorn.
 
-Building the app reads settings only; the lifespan hook loads the model, the teacher (if
-configured) and the published index, starts one micro-batcher per modality and, if configured,
+Building the app reads settings only; the lifespan hook loads the model (in the encoder
+runtime ``VLD_RUNTIME``), the teacher (if configured) and the published index, starts one micro-batcher per modality and, if configured,
 polls ``CURRENT``. Importing this module builds nothing: there is no module-level app; run
 ``uvicorn --factory service.app:app_from_env`` (or ``vldeformer-serve``).
 """
@@ -28,7 +28,13 @@ from service.metrics import MetricsMiddleware, ServiceMetrics
 from service.rerank import Reranker, load_reranker
 from service.retrieval import EncodeBatch, Encoder, InputT, image_encoder, text_encoder
 from service.routes import admin, docs, health, image_search, images, pages, search
-from service.settings import Settings, SettingsError, load_settings, require_serving_paths
+from service.settings import (
+    Settings,
+    SettingsError,
+    env_name,
+    load_settings,
+    require_serving_paths,
+)
 from service.state import ServiceState, reload_served_index
 from service.uploads import BodySizeLimitMiddleware
 
@@ -39,16 +45,40 @@ RerankerLoader = Callable[[Settings], Reranker]
 
 
 def load_model(settings: Settings) -> Encoder:
-    """The decomposed VLDeformer from ``settings.model_dir`` on ``settings.device``."""
+    """The decomposed VLDeformer from ``settings.model_dir`` in the encoder runtime
+    ``settings.runtime`` (:func:`model.runtime.load_encoder`) on ``settings.device``.
+
+    ``auto`` is torch on a GPU, else the fastest runtime that passes its check against torch
+    (:func:`model.runtime.pick_default_runtime`). The ONNX runtimes run on the CPU, where
+    ``VLD_DEVICE=auto`` puts them. Raises :class:`model.runtime.RuntimeUnavailable` when the
+    runtime named cannot be used; ``auto`` falls back to torch with a warning instead.
+    """
     import torch
 
-    from model import VLDeformer  # heavy (torch + transformers): only when serving
+    # Heavy (torch + transformers): only when serving.
+    from model.backbone import resolve_device
+    from model.runtime import RuntimeUnavailable, load_encoder, pick_default_runtime
 
     model_dir, _ = require_serving_paths(settings)
     if settings.torch_threads is not None:
         torch.set_num_threads(settings.torch_threads)
-    model: Encoder = VLDeformer.from_pretrained(model_dir, device=settings.device)
-    return model
+    runtime: str = settings.runtime
+    if runtime == "auto":
+        on_cpu = resolve_device(settings.device).type == "cpu"
+        runtime = pick_default_runtime(model_dir) if on_cpu else "torch"
+    device = "cpu" if runtime != "torch" and settings.device == "auto" else settings.device
+    try:
+        return load_encoder(model_dir, runtime, device=device, threads=settings.torch_threads)
+    except RuntimeUnavailable as exc:
+        if settings.runtime != "auto":
+            raise
+        logger.warning(
+            "%s=auto: the %s runtime is unavailable (%s); serving with torch",
+            env_name("runtime"),
+            runtime,
+            exc,
+        )
+        return load_encoder(model_dir, "torch", device=settings.device)
 
 
 def load_teacher(settings: Settings) -> Reranker:
@@ -146,9 +176,10 @@ async def _start(
     await asyncio.to_thread(_warm_up, encoder)
     state.encoder = encoder
     logger.info(
-        "model loaded from %s in %.1f s (dim %d, fingerprint %s…)",
+        "model loaded from %s in %.1f s (%s runtime, dim %d, fingerprint %s…)",
         settings.model_dir,
         time.monotonic() - started,
+        encoder.runtime,
         encoder.embedding_dim,
         encoder.fingerprint[:12],
     )
@@ -159,7 +190,12 @@ async def _start(
         state.metrics.set_index(index.version, index.image_count, index.caption_count)
 
     state.holder = IndexHolder(
-        index_root, fingerprint=encoder.fingerprint, dim=encoder.embedding_dim, on_swap=on_swap
+        index_root,
+        fingerprint=encoder.fingerprint,
+        dim=encoder.embedding_dim,
+        runtime=encoder.runtime,
+        check=encoder.check,
+        on_swap=on_swap,
     )
     config = _batching_config(settings)
     metrics = state.metrics

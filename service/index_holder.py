@@ -2,7 +2,7 @@
 
 Requests *lease* the current :class:`indexer.store.IndexVersion` for their whole life; a reload
 validates the new version completely (checksums, counts, model fingerprint, dimension,
-self-query) before one reference assignment makes it current. Requests already running finish
+encoder runtime, self-query) before one reference assignment makes it current. Requests already running finish
 on the old version, which is closed when its last lease ends. A version that fails validation
 is refused and remembered; the old one keeps serving.
 """
@@ -15,16 +15,22 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from indexer.store import (
+    DEFAULT_RUNTIME,
     IndexVersion,
     StoreError,
+    manifest_runtime,
     read_current,
     read_manifest,
     verify_version,
     version_dir,
 )
 from service.errors import NotReady
+
+if TYPE_CHECKING:
+    from model.runtime import RuntimeCheck
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +64,8 @@ class _Served:
 
 
 class IndexHolder:
-    """Owns the served version for one index root and one model (fingerprint, dimension)."""
+    """Owns the served version for one index root and one model (fingerprint, dimension) in
+    one encoder runtime (``runtime`` and its export-time ``check``, None for torch)."""
 
     def __init__(
         self,
@@ -66,11 +73,15 @@ class IndexHolder:
         *,
         fingerprint: str,
         dim: int,
+        runtime: str = DEFAULT_RUNTIME,
+        check: RuntimeCheck | None = None,
         on_swap: Callable[[IndexVersion], None] | None = None,
     ) -> None:
         self.root = root
         self.fingerprint = fingerprint
         self.dim = dim
+        self.runtime = runtime
+        self.check = check
         self._on_swap = on_swap or (lambda index: None)
         self._served: _Served | None = None
         self._lease_lock = threading.Lock()  # guards lease counts and the reference
@@ -106,8 +117,13 @@ class IndexHolder:
             if close_now:
                 served.index.close()
 
-    def check_compatible(self, fingerprint: str, dim: int) -> list[str]:
-        """Problems that forbid serving an index of this ``fingerprint`` and ``dim`` ([] = none)."""
+    def check_compatible(
+        self, fingerprint: str, dim: int, runtime: str = DEFAULT_RUNTIME
+    ) -> list[str]:
+        """Problems that forbid serving an index of this ``fingerprint``, ``dim`` and encoder
+        ``runtime`` ([] = none)."""
+        from model.runtime import RUNTIMES, compatible
+
         problems = []
         if dim != self.dim:
             problems.append(
@@ -119,6 +135,12 @@ class IndexHolder:
                 f"model fingerprint mismatch: the index was built by model {fingerprint[:12]}…, "
                 f"the loaded model is {self.fingerprint[:12]}…"
             )
+        if not compatible(runtime, self.runtime, self.check):
+            problems.append(
+                f"encoder runtime mismatch: the index was built with the {runtime!r} runtime, "
+                f"queries are encoded with {self.runtime!r} (VLD_RUNTIME), and the two are not "
+                f"checked compatible (known runtimes: {', '.join(RUNTIMES)})"
+            )
         return problems
 
     def _open_validated(self, version: str, *, verify: bool) -> IndexVersion:
@@ -126,7 +148,9 @@ class IndexHolder:
         # before any checksum is computed.
         try:
             manifest = read_manifest(version_dir(self.root, version))
-            problems = self.check_compatible(manifest["model"]["fingerprint"], int(manifest["dim"]))
+            problems = self.check_compatible(
+                manifest["model"]["fingerprint"], int(manifest["dim"]), manifest_runtime(manifest)
+            )
         except StoreError as exc:
             problems = [str(exc)]
         if problems:
@@ -141,7 +165,7 @@ class IndexHolder:
             index = IndexVersion.open(self.root, version)
         except StoreError as exc:
             raise IndexRejectedError(version, [str(exc)]) from exc
-        problems = self.check_compatible(index.fingerprint, index.dim)
+        problems = self.check_compatible(index.fingerprint, index.dim, index.runtime)
         if problems:  # the files changed since the manifest was read
             index.close()
             raise IndexRejectedError(version, problems)
@@ -172,7 +196,7 @@ class IndexHolder:
         """Serve the version ``CURRENT`` names, after validating it. Blocking: run in a thread.
 
         Raises :class:`IndexRejectedError` (nothing published, unreadable, corrupt, other
-        model, other dimension); the served version is then left as it was.
+        model, other dimension, incompatible runtime); the served version is then left as it was.
         """
         with self._reload_lock:
             if self._closed:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Generic, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 import numpy as np
 from PIL import Image
@@ -37,18 +37,28 @@ from model.images import ImageError
 from service.errors import BadRequest, EncodeFailed, InvalidFilter, ModalityMissing, NotFound
 from service.metrics import ServiceMetrics
 
+if TYPE_CHECKING:
+    from model.runtime import RuntimeCheck
+
 RecordT = TypeVar("RecordT", ImageRecord, CaptionRecord)
 InputT = TypeVar("InputT", str, Image.Image)
 
 
 class Encoder(Protocol):
-    """What the service needs of :class:`model.VLDeformer` (tests may pass a fake)."""
+    """What the service needs of an encoder runtime (:func:`model.runtime.load_encoder`;
+    tests may pass a fake)."""
 
     @property
     def embedding_dim(self) -> int: ...
 
     @property
     def fingerprint(self) -> str: ...
+
+    @property
+    def runtime(self) -> str: ...  # torch, onnx or onnx-int8
+
+    @property
+    def check(self) -> RuntimeCheck | None: ...  # the runtime's check against torch fp32
 
     def encode_text(self, texts: list[str], batch_size: int = ...) -> np.ndarray: ...
 

@@ -284,6 +284,15 @@ class ReadyResponse(BaseModel):
     index_version: str
     model_fingerprint: str
     embedding_dim: int
+    runtime: str = Field(
+        description="Encoder runtime that encodes queries: torch, onnx or onnx-int8 "
+        "(VLD_RUNTIME, `auto` resolved).",
+        examples=["onnx-int8"],
+    )
+    index_runtime: str = Field(
+        description="Encoder runtime the served index was built with (torch for indexes "
+        "built before runtimes were recorded)."
+    )
     image_count: int
     caption_count: int
     rerank_available: bool = Field(description="Whether a teacher is loaded to re-rank.")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -46,12 +46,21 @@ class Settings(BaseSettings):
         description="Gallery images whose preprocessed pixels the re-ranker keeps (LRU).",
     )
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N or mps.")
+    runtime: Literal["torch", "onnx", "onnx-int8", "auto"] = Field(
+        "torch",
+        description="Encoder runtime of the query encoder: torch; onnx / onnx-int8 = ONNX "
+        "Runtime fp32 / int8 on the CPU (exported next to the checkpoint and checked against "
+        "torch on first use); auto = torch on a GPU, else the fastest runtime that passes "
+        "its check, falling back to torch. An index built with a runtime not checked "
+        "compatible with this one is refused.",
+    )
     torch_threads: int | None = Field(
         None,
         ge=1,
         le=1024,
-        description="Intra-op threads per forward pass; unset = torch's default (one per core). "
-        "1 is faster on a CPU shared with other busy processes.",
+        description="Intra-op threads per forward pass (torch or ONNX Runtime); unset = the "
+        "runtime's default (one per core). 1 is faster on a CPU shared with other busy "
+        "processes.",
     )
 
     # Network.

@@ -42,7 +42,7 @@ async def require_reload_token(
     summary="Load, validate and swap in the published index version",
     description=(
         "Reads CURRENT, validates that version (checksums, counts, model fingerprint, "
-        "dimension, self-query) in a worker thread, then swaps it in with one reference "
+        "dimension, encoder runtime, self-query) in a worker thread, then swaps it in with one reference "
         "assignment: requests already running finish on the old version. A version that fails "
         "validation is refused with 409 and the old one keeps serving."
     ),

@@ -22,7 +22,8 @@ async def healthz() -> HealthResponse:
     response_model=ReadyResponse,
     summary="Readiness: the model and an index are loaded",
     description="503 until both are loaded, or while the published index is refused "
-    "(fingerprint or dimension mismatch, failed checks); the message says why.",
+    "(fingerprint, dimension or encoder runtime mismatch, failed checks); the message says "
+    "why.",
     responses=error_responses(503),
 )
 async def readyz(state: StateDep) -> ReadyResponse:
@@ -36,6 +37,8 @@ async def readyz(state: StateDep) -> ReadyResponse:
         index_version=index.version,
         model_fingerprint=encoder.fingerprint,
         embedding_dim=encoder.embedding_dim,
+        runtime=encoder.runtime,
+        index_runtime=index.runtime,
         image_count=index.image_count,
         caption_count=index.caption_count,
         rerank_available=state.reranker is not None,

@@ -92,7 +92,7 @@ class TinyModelEnv:
     model_dir: Path
     root: Path
     gallery: Gallery
-    model: Any  # model.VLDeformer
+    model: Any  # model.runtime.TorchEncoder
 
     def settings(self, **overrides: Any) -> Settings:
         values: dict[str, Any] = {
@@ -110,10 +110,10 @@ def tiny_model_env(tiny_vilt_dir: Path, tmp_path_factory: pytest.TempPathFactory
     """An index published with the writer from the tiny model's own embeddings (no indexer run)."""
     from PIL import Image
 
-    from model import VLDeformer
+    from model.runtime import load_encoder
     from tests.service.helpers import publish_vectors
 
-    model = VLDeformer.from_pretrained(tiny_vilt_dir, device="cpu")
+    model = load_encoder(tiny_vilt_dir, "torch", device="cpu")
     base = tmp_path_factory.mktemp("tiny-service")
     images_dir = base / "gallery"
     images_dir.mkdir()

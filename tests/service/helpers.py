@@ -38,6 +38,9 @@ class FakeEncoder:
     """Deterministic stand-in for VLDeformer: a text's vector is a hash of its text; an image's
     vector is its 4x4 thumbnail (so different pictures get different vectors)."""
 
+    runtime = "torch"  # model.runtime's encoder interface
+    check = None
+
     def __init__(self, dim: int = 48, fingerprint: str = "f" * 64, delay_s: float = 0.0) -> None:
         assert dim >= 48
         self.embedding_dim = dim
@@ -90,9 +93,11 @@ def publish_vectors(
     captions: Sequence[tuple[str, str, str | None]],
     caption_vectors: np.ndarray,
     image_metadata: Sequence[dict[str, Any]] | None = None,
+    runtime: str = "torch",
 ) -> str:
     """Publish a flat-index version with :func:`indexer.publish.publish_vectors` (build lock,
-    staging, checksums, atomic switch); returns its name."""
+    staging, checksums, atomic switch), recorded as built by the encoder ``runtime``; returns
+    its name."""
     linked: dict[str, list[str]] = {}
     for _, text, image_id in captions:
         if image_id is not None:
@@ -116,6 +121,7 @@ def publish_vectors(
         caption_rows=caption_rows,
         caption_vectors=np.ascontiguousarray(caption_vectors, dtype=np.float32),
         index="flat",
+        runtime=runtime,
     )
 
 
@@ -141,8 +147,10 @@ def make_gallery(
     prefix: str = "img",
     fingerprint: str | None = None,
     dim: int | None = None,
+    runtime: str = "torch",
 ) -> Gallery:
-    """``n`` coloured PNGs with two captions each, indexed with ``encoder``'s vectors."""
+    """``n`` coloured PNGs with two captions each, indexed with ``encoder``'s vectors (recorded
+    as made by the encoder ``runtime``)."""
     images_dir.mkdir(parents=True, exist_ok=True)
     ids, paths, pictures = [], [], []
     for i in range(n):
@@ -179,6 +187,7 @@ def make_gallery(
         captions=captions,
         caption_vectors=caption_vectors,
         image_metadata=metadata,
+        runtime=runtime,
     )
     return Gallery(version, ids, paths, captions, metadata)
 

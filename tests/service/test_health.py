@@ -23,6 +23,8 @@ def test_healthz_and_readyz_when_ready(client: TestClient, service_env: ServiceE
         "index_version": service_env.gallery.version,
         "model_fingerprint": service_env.encoder.fingerprint,
         "embedding_dim": service_env.encoder.embedding_dim,
+        "runtime": "torch",
+        "index_runtime": "torch",
         "image_count": 6,
         "caption_count": 12,
         "rerank_available": False,

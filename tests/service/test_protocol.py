@@ -16,6 +16,7 @@ import uvicorn
 from service.app import create_app
 from service.protocol import JsonErrorH11Protocol
 from tests.service.conftest import ServiceEnv
+from tests.service.helpers import FakeEncoder
 
 
 @pytest.fixture(scope="module")
@@ -108,5 +109,6 @@ def test_the_cli_serves_with_this_protocol(monkeypatch: pytest.MonkeyPatch, tmp_
             pass
 
     monkeypatch.setattr(cli.uvicorn, "Server", NoServer)
+    monkeypatch.setattr(cli, "load_model", lambda settings: FakeEncoder())
     assert cli.main(["--model-dir", str(tmp_path), "--index-root", str(tmp_path)]) == 0
     assert configs[0].http is JsonErrorH11Protocol

@@ -3,6 +3,7 @@ runtime the service can load the model with (real tiny model, loaded by the app 
 
 from __future__ import annotations
 
+from importlib.util import find_spec
 from typing import Any
 
 import numpy as np
@@ -15,17 +16,19 @@ from service.app import create_app
 from tests.service.conftest import TinyModelEnv
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-# Every way the service can run the model: today torch, on the CPU or a GPU (VLD_DEVICE).
-# A new runtime (e.g. ONNX) gets a row here.
+# Every way the service can run the model (VLD_DEVICE, VLD_RUNTIME). A new runtime gets a row.
+ONNX = pytest.mark.skipif(not find_spec("onnxruntime"), reason="needs onnxruntime")
 RUNTIMES = [
-    pytest.param("cpu", id="torch-cpu"),
-    pytest.param("cuda", id="torch-cuda", marks=[pytest.mark.gpu, CUDA]),
+    pytest.param("cpu", "torch", id="torch-cpu"),
+    pytest.param("cuda", "torch", id="torch-cuda", marks=[pytest.mark.gpu, CUDA]),
+    pytest.param("auto", "onnx", id="onnx-cpu", marks=ONNX),
+    pytest.param("auto", "onnx-int8", id="onnx-int8-cpu", marks=ONNX),
 ]
 
 
-@pytest.mark.parametrize("device", RUNTIMES)
+@pytest.mark.parametrize(("device", "runtime"), RUNTIMES)
 def test_query_vectors_are_unit_rows(
-    tiny_model_env: TinyModelEnv, monkeypatch: pytest.MonkeyPatch, device: str
+    tiny_model_env: TinyModelEnv, monkeypatch: pytest.MonkeyPatch, device: str, runtime: str
 ) -> None:
     searched: list[tuple[str, np.ndarray]] = []
     original = IndexVersion.search
@@ -37,8 +40,9 @@ def test_query_vectors_are_unit_rows(
         return original(index, modality, xq, k, **options)  # type: ignore[arg-type]
 
     monkeypatch.setattr(IndexVersion, "search", recording_search)
-    settings = tiny_model_env.settings(device=device, torch_threads=1)
+    settings = tiny_model_env.settings(device=device, runtime=runtime, torch_threads=1)
     with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+        assert client.get("/readyz").json()["runtime"] == runtime
         text = client.post("/search/images", json={"text": "a red square", "k": 3})
         assert text.status_code == 200, text.text
         picture = tiny_model_env.gallery.image_paths[0].read_bytes()
