@@ -17,7 +17,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
 .PHONY: help install install-dev install-gpu lint format test coverage demo demo-data demo-index \
-        demo-model bench bench-paper bench-queries bench-rerank bench-indexer bench-search bench-filter bench-service clean
+        demo-model bench bench-paper bench-queries bench-rerank bench-indexer bench-search bench-filter bench-service bench-runtime gpu-check clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -103,6 +103,12 @@ bench-filter: install  ## filtered search (50%, 5%, 0.1% selectivity) latency / 
 
 bench-service: install  ## HTTP latency and throughput against a real uvicorn process
 	$(PY) bench/service_load.py
+
+bench-runtime: install-dev  ## encoder runtimes on CPU: torch vs ONNX Runtime fp32 / int8 (~15 min on 2 cores)
+	$(PY) bench/runtime_bench.py
+
+gpu-check: install  ## GPU host (after make install-gpu): training, indexer, service figures in <= 8 min -> bench/results/gpu_check.json
+	$(PY) bench/gpu_check.py
 
 clean:  ## remove the venv, generated data and caches
 	rm -rf $(VENV) data .pytest_cache .mypy_cache .ruff_cache build *.egg-info
