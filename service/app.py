@@ -28,6 +28,7 @@ from service.metrics import MetricsMiddleware, ServiceMetrics
 from service.rerank import Reranker, load_reranker
 from service.retrieval import EncodeBatch, Encoder, InputT, image_encoder, text_encoder
 from service.routes import admin, docs, health, image_search, images, pages, search
+from service.search_batch import SearchStage, search_config
 from service.settings import (
     Settings,
     SettingsError,
@@ -202,8 +203,10 @@ async def _start(
     # One micro-batcher per encoder; a new query kind reuses one of them.
     state.text_batcher = _encoder_batcher(text_encoder(encoder, metrics), config, metrics)
     state.image_batcher = _encoder_batcher(image_encoder(encoder, metrics), config, metrics)
+    state.search = SearchStage(metrics, search_config(config))
     await state.text_batcher.start()
     await state.image_batcher.start()
+    await state.search.start()
     try:
         await asyncio.to_thread(state.holder.reload, verify=settings.verify_on_start)
     except Exception as exc:
@@ -219,6 +222,8 @@ async def _stop(state: ServiceState) -> None:
     for batcher in (state.text_batcher, state.image_batcher):
         if batcher is not None:
             await batcher.stop()
+    if state.search is not None:
+        await state.search.stop()
     if state.holder is not None:
         # In a thread: close() waits for a reload thread still running (a cancelled poller's).
         await asyncio.to_thread(state.holder.close)

@@ -14,6 +14,7 @@ from service.batching import MicroBatcher
 from service.errors import NotReady
 from service.metrics import ServiceMetrics
 from service.rerank import Reranker
+from service.search_batch import SearchStage
 from service.settings import Settings
 from service.state import ServiceState
 
@@ -56,6 +57,12 @@ async def get_image_batcher(state: StateDep) -> MicroBatcher[Image.Image, np.nda
     return state.image_batcher
 
 
+async def get_search(state: StateDep) -> SearchStage:
+    if state.search is None:
+        raise NotReady("the search stage is not running")
+    return state.search
+
+
 async def get_reranker(state: StateDep) -> Reranker | None:
     """The loaded teacher's re-ranker, or None when re-ranking is unavailable."""
     return state.reranker
@@ -66,4 +73,5 @@ MetricsDep = Annotated[ServiceMetrics, Depends(get_metrics)]
 IndexDep = Annotated[IndexVersion, Depends(leased_index)]
 TextBatcherDep = Annotated[MicroBatcher[str, np.ndarray], Depends(get_text_batcher)]
 ImageBatcherDep = Annotated[MicroBatcher[Image.Image, np.ndarray], Depends(get_image_batcher)]
+SearchDep = Annotated[SearchStage, Depends(get_search)]
 RerankerDep = Annotated[Reranker | None, Depends(get_reranker)]

@@ -54,7 +54,8 @@ class ServiceMetrics:
         )
         self.search_seconds = Histogram(
             "vld_search_seconds",
-            "One query's index search and record look-up.",
+            "One query's index search; a batched query observes the FAISS call it shared "
+            "with its batch (see vld_search_batch_size).",
             ["modality"],
             buckets=_LATENCY_BUCKETS,
             registry=r,
@@ -70,6 +71,13 @@ class ServiceMetrics:
             "vld_batch_size",
             "Queries per encoder forward pass.",
             ["modality"],
+            buckets=_BATCH_BUCKETS,
+            registry=r,
+        )
+        self.search_batch_size = Histogram(
+            "vld_search_batch_size",
+            "Queries per batched FAISS search (unfiltered queries of one index version).",
+            ["index"],
             buckets=_BATCH_BUCKETS,
             registry=r,
         )

@@ -4,7 +4,9 @@
   inputs in, one unit vector per input out, in a single forward pass.
 - **search**: :func:`search` looks a query vector up in the index its :class:`Target` names,
   restricted to the rows a metadata ``filter`` selects (inside the FAISS search, not after it)
-  and leaving out an :class:`Exclusion` (the query image itself).
+  and leaving out an :class:`Exclusion` (the query image itself). The routes reach it through
+  :class:`service.search_batch.SearchStage`, which searches concurrent unfiltered queries in
+  one FAISS call (:func:`search_matrix`).
 - **hydrate**: :func:`hydrate` turns hits into :class:`Scored` records from the index metadata.
 - **page**: :class:`Page` cuts the (re-ranked) results to what the client asked for:
   ``min_score``, then ``offset`` and ``k``.
@@ -115,7 +117,7 @@ class Target(Generic[RecordT]):
 
     name: str  # what the index holds, for messages: "gallery image" or "caption"
     modality: Modality  # the store's name for it, which a metadata filter selects rows of
-    search: SearchFn  # (index, xq (1, D), k, selection) → (D, I), each (1, k)
+    search: SearchFn  # (index, xq (B, D), k, selection) → (D, I), each (B, k)
     records: Callable[[IndexVersion, Sequence[int]], list[RecordT]]
     count: Callable[[IndexVersion], int]
 
@@ -239,15 +241,39 @@ def search(
         selection = select_rows(index, target, metadata_filter)
         if selection is not None and selection.count == 0:
             return []
-        distances, rows = target.search(
-            index, np.ascontiguousarray(xq[None]), k + exclude.slack, selection
+        distances, rows = search_matrix(
+            index, target, xq[None], k + exclude.slack, selection
         )  # (1, k + slack)
-    except ModalityMissingError as exc:
-        raise ModalityMissing(f"the served index has no {target.name} vectors: {exc}") from exc
     finally:
         metrics.search_seconds.labels(modality).observe(time.perf_counter() - started)
+    return best_hits(distances[0], rows[0], k, exclude)
+
+
+def search_matrix(
+    index: IndexVersion,
+    target: Target[RecordT],
+    xq: np.ndarray,  # (B, D) float32 unit vectors
+    k: int,
+    selection: RowSelection | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """One FAISS search of ``B`` query vectors: ``(D, I)``, each ``(B, k)`` (blocking).
+
+    Raises :class:`ModalityMissing` when the version has no ``target`` index."""
+    try:
+        return target.search(index, np.ascontiguousarray(xq, dtype=np.float32), k, selection)
+    except ModalityMissingError as exc:
+        raise ModalityMissing(f"the served index has no {target.name} vectors: {exc}") from exc
+
+
+def best_hits(
+    distances: np.ndarray,  # (k',) one query's row of a search, best first
+    rows: np.ndarray,  # (k',)
+    k: int,
+    exclude: Exclusion = NO_EXCLUSION,
+) -> list[Hit]:
+    """The first ``k`` hits of one query's search results that ``exclude`` keeps."""
     # -1 = fewer than k matching rows in the index
-    hits = [Hit(int(r), float(d)) for d, r in zip(distances[0], rows[0], strict=True) if r >= 0]
+    hits = [Hit(int(r), float(d)) for d, r in zip(distances, rows, strict=True) if r >= 0]
     return [hit for hit in hits if not exclude.drops(hit)][:k]
 
 

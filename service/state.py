@@ -15,12 +15,14 @@ from service.index_holder import IndexHolder, IndexRejectedError, ReloadOutcome
 from service.metrics import ServiceMetrics
 from service.rerank import Reranker
 from service.retrieval import Encoder
+from service.search_batch import SearchStage
 from service.settings import Settings
 
 
 @dataclass
 class ServiceState:
-    """The loaded model, the served index, one micro-batcher per encoder and the re-ranker."""
+    """The loaded model, the served index, one micro-batcher per encoder, the search stage
+    and the re-ranker."""
 
     settings: Settings
     metrics: ServiceMetrics
@@ -28,6 +30,7 @@ class ServiceState:
     holder: IndexHolder | None = None
     text_batcher: MicroBatcher[str, np.ndarray] | None = None
     image_batcher: MicroBatcher[Image.Image, np.ndarray] | None = None
+    search: SearchStage | None = None  # batched search + hydrate, one batcher per target
     reranker: Reranker | None = None
     rerank_problem: str | None = "no teacher is configured (VLD_TEACHER_DIR is unset)"
     started_at: float = field(default_factory=time.monotonic)

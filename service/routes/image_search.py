@@ -22,7 +22,7 @@ from PIL import Image
 from pydantic import ValidationError
 
 from service.batching import MicroBatcher
-from service.deps import ImageBatcherDep, IndexDep, MetricsDep, RerankerDep
+from service.deps import ImageBatcherDep, IndexDep, MetricsDep, RerankerDep, SearchDep
 from service.errors import error_responses
 from service.options import (
     FILTER_DESCRIPTION,
@@ -39,7 +39,6 @@ from service.retrieval import (
     IMAGES,
     Exclusion,
     require_target,
-    retrieve,
     retrieve_similar,
 )
 from service.routes.results import caption_search_response, image_search_response
@@ -133,6 +132,7 @@ def build_router(settings: Settings) -> APIRouter:
         request: Request,
         index: IndexDep,
         encoder: ImageBatcherDep,
+        searcher: SearchDep,
         reranker: RerankerDep,
         metrics: MetricsDep,
         options: QueryOptionsDep,
@@ -148,8 +148,8 @@ def build_router(settings: Settings) -> APIRouter:
         teacher = reranker if rerank else None
         xq, image = await encode_upload(encoder, upload, settings.max_image_pixels)
         depth = max(page.depth, rerank_k) if teacher is not None else page.depth
-        found = await asyncio.to_thread(
-            retrieve, index, CAPTIONS, xq, depth, metrics, "image", metadata_filter=metadata_filter
+        found = await searcher.retrieve(
+            index, CAPTIONS, xq, depth, "image", metadata_filter=metadata_filter
         )
         reranked = False
         if teacher is not None:
@@ -192,6 +192,7 @@ def build_router(settings: Settings) -> APIRouter:
         request: Request,
         index: IndexDep,
         encoder: ImageBatcherDep,
+        searcher: SearchDep,
         metrics: MetricsDep,
         options: QueryOptionsDep,
     ) -> ImageSearchResponse:
@@ -208,13 +209,11 @@ def build_router(settings: Settings) -> APIRouter:
             upload = await read_image_upload(request)
             page, metadata_filter = upload_options(upload, options, max_k)
             xq, _ = await encode_upload(encoder, upload, settings.max_image_pixels)
-            found = await asyncio.to_thread(
-                retrieve,
+            found = await searcher.retrieve(
                 index,
                 IMAGES,
                 xq,
                 page.depth,
-                metrics,
                 "image",
                 metadata_filter=metadata_filter,
                 exclude=Exclusion(min_cosine=DUPLICATE_COSINE),

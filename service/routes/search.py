@@ -9,16 +9,15 @@ its records → optionally re-rank the shortlist with the teacher → cut the pa
 # No `from __future__ import annotations`: FastAPI must see the per-app request models, local
 # variables of build_router, when it reads the route signatures.
 
-import asyncio
 import time
 
 from fastapi import APIRouter, Request
 
-from service.deps import IndexDep, MetricsDep, RerankerDep, TextBatcherDep
+from service.deps import IndexDep, MetricsDep, RerankerDep, SearchDep, TextBatcherDep
 from service.errors import error_responses
 from service.options import FILTER_DESCRIPTION
 from service.rerank import rerank_shortlist
-from service.retrieval import CAPTIONS, IMAGES, require_target, retrieve
+from service.retrieval import CAPTIONS, IMAGES, require_target
 from service.routes.results import caption_search_response, image_search_response
 from service.schemas import (
     CaptionSearchResponse,
@@ -63,6 +62,7 @@ def build_router(settings: Settings) -> APIRouter:
         request: Request,
         index: IndexDep,
         encoder: TextBatcherDep,
+        searcher: SearchDep,
         reranker: RerankerDep,
         metrics: MetricsDep,
     ) -> ImageSearchResponse:
@@ -73,13 +73,11 @@ def build_router(settings: Settings) -> APIRouter:
         teacher = reranker if body.rerank else None  # type: ignore[attr-defined]
         xq = await encoder.submit(text)
         depth = max(page.depth, rerank_k) if teacher is not None else page.depth
-        found = await asyncio.to_thread(
-            retrieve,
+        found = await searcher.retrieve(
             index,
             IMAGES,
             xq,
             depth,
-            metrics,
             "text",
             metadata_filter=body.filter,  # type: ignore[attr-defined]
         )
@@ -113,19 +111,17 @@ def build_router(settings: Settings) -> APIRouter:
         body: CaptionTextSearchRequest,  # type: ignore[valid-type]
         index: IndexDep,
         encoder: TextBatcherDep,
-        metrics: MetricsDep,
+        searcher: SearchDep,
     ) -> CaptionSearchResponse:
         started = time.perf_counter()
         require_target(index, CAPTIONS)
         page = body.page(settings.max_k)  # type: ignore[attr-defined]
         xq = await encoder.submit(body.text)  # type: ignore[attr-defined]
-        found = await asyncio.to_thread(
-            retrieve,
+        found = await searcher.retrieve(
             index,
             CAPTIONS,
             xq,
             page.depth,
-            metrics,
             "text",
             metadata_filter=body.filter,  # type: ignore[attr-defined]
         )
