@@ -39,7 +39,7 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -113,8 +113,13 @@ def prepare_model(kind: str, work_dir: Path) -> Path | None:
     raise ValueError(f"unknown model {kind!r}; expected demo, b32 or tiny")
 
 
-def prepare_index(model_dir: Path, vectors: int, work_dir: Path, label: str) -> tuple[Path, int]:
-    """A published flat index of ``vectors`` random unit vectors per modality for this model.
+def prepare_index(
+    model_dir: Path, vectors: int, work_dir: Path, label: str, index: str = "flat"
+) -> tuple[Path, int]:
+    """A published index (``index``: flat, or the indexer's ``auto`` choice) of ``vectors``
+    random unit vectors per modality for this model — uniformly random for flat, clustered
+    (``bench.search_index.clustered_unit_vectors``) otherwise, since an IVF index over uniform
+    random vectors must probe every list to find neighbours.
 
     Written with the indexer's writer (``indexer.publish``) so the service reads a real
     version; reused when one for the same model fingerprint and size exists.
@@ -126,7 +131,7 @@ def prepare_index(model_dir: Path, vectors: int, work_dir: Path, label: str) -> 
     model = VLDeformer.from_pretrained(model_dir, device="cpu")
     dim, fingerprint = model.embedding_dim, model.fingerprint
     del model
-    root = work_dir / f"index-{label}-{vectors}"
+    root = work_dir / (f"index-{label}-{vectors}" + ("" if index == "flat" else f"-{index}"))
     if read_current(root) is not None:
         with IndexVersion.open(root) as existing:
             if existing.fingerprint == fingerprint and existing.image_count == vectors:
@@ -136,6 +141,10 @@ def prepare_index(model_dir: Path, vectors: int, work_dir: Path, label: str) -> 
     rng = np.random.default_rng(0)
 
     def unit(n: int) -> np.ndarray:
+        if index != "flat":
+            from bench.search_index import clustered_unit_vectors
+
+            return clustered_unit_vectors(n, dim, seed=int(rng.integers(1 << 31)))
         matrix = rng.standard_normal((n, dim), dtype=np.float32)
         return np.ascontiguousarray(matrix / np.linalg.norm(matrix, axis=1, keepdims=True))
 
@@ -154,7 +163,7 @@ def prepare_index(model_dir: Path, vectors: int, work_dir: Path, label: str) -> 
         image_vectors=unit(vectors),
         caption_rows=caption_rows,
         caption_vectors=unit(vectors),
-        index="flat",
+        index=index,
     )
     return root, dim
 
@@ -361,6 +370,8 @@ class RunConfig:
     compare_unbatched: bool  # also run a VLD_BATCH_WINDOW_MS=0 server (a second start-up)
     torch_threads: int | None = None
     modalities: tuple[str, ...] = ("text", "image")
+    runtime: str = "torch"  # VLD_RUNTIME of the server (model.runtime.RUNTIMES)
+    index: str = "flat"  # the published index: flat, or the indexer's auto choice
 
 
 def run_model(kind: str, config: RunConfig, work_dir: Path) -> ModelReport | None:
@@ -369,7 +380,11 @@ def run_model(kind: str, config: RunConfig, work_dir: Path) -> ModelReport | Non
         print(f"[{kind}] skipped: {DEMO_MODEL} is not built (make demo-model)", flush=True)
         return None
     print(f"[{kind}] preparing a {config.vectors}-vector index…", flush=True)
-    index_root, dim = prepare_index(model_dir, config.vectors, work_dir, kind)
+    index_root, dim = prepare_index(model_dir, config.vectors, work_dir, kind, config.index)
+    if config.runtime != "torch":  # the index is encoded by torch; the server's runtime differs
+        kind = f"{kind} {config.runtime}"
+    if config.index != "flat":
+        kind = f"{kind} {config.index} index"
     texts = query_texts(200)
     images = query_images(16, config.image_size)
     scenarios: list[Scenario] = []
@@ -380,7 +395,8 @@ def run_model(kind: str, config: RunConfig, work_dir: Path) -> ModelReport | Non
         extra = {} if batching else {"batch_window_ms": "0"}
         if config.torch_threads is not None:
             extra["torch_threads"] = str(config.torch_threads)
-        log = work_dir / f"server-{kind}{suffix}.log"
+        extra["runtime"] = config.runtime
+        log = work_dir / f"server-{kind.replace(' ', '-')}{suffix}.log"
         return Server(model_dir, index_root, log, queue_size=queue, **extra)
 
     def run_all(server: Server, batching: bool) -> None:
@@ -508,6 +524,20 @@ def _parser() -> argparse.ArgumentParser:
         default="text,image",
         help="which queries to measure: text (→ images), image (→ captions) or both",
     )
+    parser.add_argument(
+        "--runtimes",
+        default="torch",
+        help="comma-separated VLD_RUNTIME values to serve each model with, one after the other "
+        "(torch, onnx, onnx-int8, auto; default: torch), e.g. torch,onnx-int8 to compare them "
+        "in one run",
+    )
+    parser.add_argument(
+        "--index",
+        choices=("flat", "auto"),
+        default="flat",
+        help="the served index: flat (exact; uniformly random vectors) or the indexer's auto "
+        "choice (IVF at 100K; clustered random vectors so IVF is meaningful). Default: flat",
+    )
     parser.add_argument("--json-out", type=Path, help="also write the figures as JSON here")
     parser.add_argument(
         "--smoke",
@@ -557,10 +587,13 @@ def _run(args: argparse.Namespace) -> int:
     args.work_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     reports = []
+    runtimes = [r.strip() for r in args.runtimes.split(",") if r.strip()] or ["torch"]
     for kind in models:
-        report = run_model(kind, config, args.work_dir)
-        if report is not None:
-            reports.append(report)
+        for runtime in runtimes:
+            run_config = replace(config, runtime=runtime, index=args.index)
+            report = run_model(kind, run_config, args.work_dir)
+            if report is not None:
+                reports.append(report)
     print()
     print(format_table(reports))
     print(f"\ntotal {time.perf_counter() - started:.0f} s")
