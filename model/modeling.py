@@ -133,6 +133,25 @@ def _config_for_fingerprint(vilt: ViltModel) -> dict[str, Any]:
     return config
 
 
+def tokenize_texts(tokenizer: Any, texts: Sequence[str], max_len: int) -> dict[str, torch.Tensor]:
+    """Texts → padded ``input_ids`` and ``attention_mask`` (B, T), truncated to ``max_len``;
+    the one tokenisation every runtime shares (CPU tensors)."""
+    encoded = tokenizer(
+        list(texts), padding=True, truncation=True, max_length=max_len, return_tensors="pt"
+    )
+    return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
+
+
+def preprocess_images(
+    image_processor: Any, images: Sequence[Image.Image]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images (any mode) → padded ``pixel_values`` (B, 3, H, W) and ``pixel_mask`` (B, H, W);
+    the one preprocessing every runtime shares."""
+    return collate_pixels(
+        [preprocess_image(image_processor, image.convert("RGB")) for image in images]
+    )
+
+
 class VLDeformer(nn.Module):
     """A ViLT whose one set of transformer weights encodes images and texts *separately*.
 
@@ -274,20 +293,11 @@ class VLDeformer(nn.Module):
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         """Tokenise, pad and truncate to ``settings.max_text_len``; tensors on CPU."""
-        encoded = self.tokenizer(
-            list(texts),
-            padding=True,
-            truncation=True,
-            max_length=self.settings.max_text_len,
-            return_tensors="pt",
-        )
-        return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
+        return tokenize_texts(self.tokenizer, texts, self.settings.max_text_len)
 
     def preprocess(self, images: Sequence[Image.Image]) -> tuple[torch.Tensor, torch.Tensor]:
         """RGB images → padded ``pixel_values`` (B, 3, H, W) and ``pixel_mask`` (B, H, W)."""
-        return collate_pixels(
-            [preprocess_image(self.image_processor, image.convert("RGB")) for image in images]
-        )
+        return preprocess_images(self.image_processor, images)
 
     # ------------------------------------------------------------------ numpy level
     def encode_text(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
@@ -419,12 +429,7 @@ class EarlyInteraction(nn.Module):
         with torch.inference_mode(), autocast(device):
             for batch in _batches(len(texts), batch_size):
                 tokens = self.tokenize(texts[batch])
-                pixel_values, pixel_mask = collate_pixels(
-                    [
-                        preprocess_image(self.image_processor, image.convert("RGB"))
-                        for image in images[batch]
-                    ]
-                )
+                pixel_values, pixel_mask = preprocess_images(self.image_processor, images[batch])
                 scores = self.score_tensors(
                     tokens["input_ids"].to(device),
                     tokens["attention_mask"].to(device),

@@ -16,8 +16,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from model.images import collate_pixels, preprocess_image
-from model.modeling import DecomposeSettings, VLDeformer, _batches
+from model.modeling import (
+    DecomposeSettings,
+    VLDeformer,
+    _batches,
+    preprocess_images,
+    tokenize_texts,
+)
 from model.runtime_check import RuntimeCheck
 
 if TYPE_CHECKING:
@@ -120,20 +125,11 @@ class OnnxEncoder:
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         """As :meth:`VLDeformer.tokenize`: pad, truncate to ``max_text_len``; CPU tensors."""
-        encoded = self.tokenizer(
-            list(texts),
-            padding=True,
-            truncation=True,
-            max_length=self.settings.max_text_len,
-            return_tensors="pt",
-        )
-        return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
+        return tokenize_texts(self.tokenizer, texts, self.settings.max_text_len)
 
     def preprocess(self, images: Sequence[Image.Image]) -> tuple[torch.Tensor, torch.Tensor]:
         """As :meth:`VLDeformer.preprocess`: padded ``pixel_values`` and ``pixel_mask``."""
-        return collate_pixels(
-            [preprocess_image(self.image_processor, image.convert("RGB")) for image in images]
-        )
+        return preprocess_images(self.image_processor, images)
 
     def _run(
         self, session: onnxruntime.InferenceSession, feeds: dict[str, np.ndarray]
