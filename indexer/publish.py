@@ -51,6 +51,7 @@ from indexer.store import (
     list_versions,
     read_current,
 )
+from model.atomic import fsync_dir, fsync_file, replace_file
 from model.files import file_sha256
 
 logger = logging.getLogger(__name__)
@@ -85,24 +86,6 @@ def new_version_name(now: float | None = None) -> str:
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now))
     milliseconds = int(now * 1000) % 1000
     return f"{stamp}-{milliseconds:03x}{secrets.token_hex(2)[:3]}"
-
-
-def fsync_file(path: Path) -> None:
-    """Flush a file's data to disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_dir(path: Path) -> None:
-    """Flush a directory's entries (a rename or a new file in it) to disk."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def write_metadata(path: Path, images: Sequence[ImageRow], captions: Sequence[CaptionRow]) -> None:
@@ -293,11 +276,8 @@ def write_manifest(directory: Path, manifest: dict[str, Any]) -> dict[str, Any]:
 def write_current(root: Path, version: str) -> None:
     """Point ``root/CURRENT`` at ``version`` atomically (readers see the old or the new name)."""
     staging = root / f"{CURRENT_FILE}.{os.getpid()}.tmp"
-    with open(staging, "w", encoding="utf-8") as stream:
+    with replace_file(root / CURRENT_FILE, temporary=staging) as stream:
         stream.write(version + "\n")
-        stream.flush()
-        os.fsync(stream.fileno())
-    os.replace(staging, root / CURRENT_FILE)
     fsync_dir(root)
 
 

@@ -15,15 +15,14 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from indexer.publish import fsync_dir
 from indexer.sources import SkippedItem
+from model.atomic import fsync_dir, replace_file
 
 logger = logging.getLogger(__name__)
 
@@ -107,11 +106,8 @@ class ShardStore:
             )
         vectors_path, record_path = self._paths(shard)
         partial = vectors_path.with_name(vectors_path.name + ".part")
-        with open(partial, "wb") as stream:
+        with replace_file(vectors_path, "wb", temporary=partial) as stream:
             np.save(stream, vectors)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(partial, vectors_path)
         fsync_dir(self.directory)  # the vectors' name is on disk before the record's
         record = {
             "index": shard.index,
@@ -122,11 +118,8 @@ class ShardStore:
             "skipped": [item.to_dict() for item in skipped],
         }
         partial = record_path.with_name(record_path.name + ".part")
-        with open(partial, "w", encoding="utf-8") as stream:
+        with replace_file(record_path, temporary=partial) as stream:
             json.dump(record, stream)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(partial, record_path)
         fsync_dir(self.directory)
 
     def read(self, shard: Shard) -> ShardContent:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import pickle
 import random
 import re
@@ -26,44 +25,18 @@ from typing import Any
 import numpy as np
 import torch
 
+from model.atomic import TEMPORARY_MARK, write_atomically
+
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "trainer_state.pt"
 CONFIG_FILE = "train_config.json"
 _CHECKPOINT_NAME = re.compile(r"checkpoint-(\d+)")
-_TEMPORARY_MARK = ".tmp-"
-
-
-def write_atomically(target: Path, write: Callable[[Path], None]) -> Path:
-    """Call ``write(tmp_dir)`` on a fresh sibling directory, then rename it to ``target``.
-
-    An existing ``target`` is replaced only once the new one is complete.
-    """
-    target = Path(target)
-    temporary = target.parent / f".{target.name}{_TEMPORARY_MARK}{os.getpid()}"
-    if temporary.exists():
-        shutil.rmtree(temporary)
-    temporary.mkdir(parents=True)
-    try:
-        write(temporary)
-    except BaseException:
-        shutil.rmtree(temporary, ignore_errors=True)
-        raise
-    if target.exists():
-        retired = target.parent / f".{target.name}.old{_TEMPORARY_MARK}{os.getpid()}"
-        if retired.exists():
-            shutil.rmtree(retired)
-        os.replace(target, retired)
-        os.replace(temporary, target)
-        shutil.rmtree(retired)
-    else:
-        os.replace(temporary, target)
-    return target
 
 
 def remove_stale_temporaries(out_dir: Path) -> None:
     """Delete half-written directories left by a crashed run (hidden ``.*.tmp-<pid>``)."""
-    for stale in Path(out_dir).glob(f".*{_TEMPORARY_MARK}*"):
+    for stale in Path(out_dir).glob(f".*{TEMPORARY_MARK}*"):
         if stale.is_dir():
             logger.warning("removing %s, left by an interrupted write", stale)
             shutil.rmtree(stale, ignore_errors=True)

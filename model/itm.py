@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from model.checkpoints import write_atomically
+from model.atomic import write_atomically
 from model.data import OneCaptionPerImageSampler, Pair, PairDataset, collate_pairs, read_pairs
 from model.modeling import EarlyInteraction, VLDeformer
 from model.schedule import warmup_cosine_scheduler

@@ -22,7 +22,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
@@ -30,7 +29,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from model.checkpoints import write_atomically
+from model.atomic import replace_file, write_atomically
 from model.modeling import VLDeformer
 from model.runtime_check import RuntimeCheck, run_check
 from model.runtime_encoders import OnnxEncoder, TorchEncoder
@@ -195,9 +194,8 @@ def _read_check(directory: Path, runtime: str, fingerprint: str) -> RuntimeCheck
 
 
 def _write_check(directory: Path, check: RuntimeCheck) -> None:
-    temporary = directory / f".{CHECK_FILE}.tmp-{os.getpid()}"
-    temporary.write_text(json.dumps(dataclasses.asdict(check), indent=2) + "\n", encoding="utf-8")
-    os.replace(temporary, directory / CHECK_FILE)
+    with replace_file(directory / CHECK_FILE, fsync=False) as stream:
+        stream.write(json.dumps(dataclasses.asdict(check), indent=2) + "\n")
 
 
 def export_dir(

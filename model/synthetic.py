@@ -44,6 +44,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from model import queries
+from model.atomic import replace_file
 from model.scenes import (
     BACKGROUND,
     COLOURS,
@@ -454,12 +455,8 @@ def generate(config: SyntheticConfig) -> list[Example]:
 def _write_atomic(path: Path, lines: Iterable[str]) -> None:
     """Write next to ``path``, then rename over it: readers see the old file or the new one."""
     partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    try:
-        with partial.open("w", encoding="utf-8") as file:
-            file.writelines(lines)
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
+    with replace_file(path, temporary=partial, fsync=False) as file:
+        file.writelines(lines)
 
 
 def gallery_record(example: Example) -> dict[str, Any]:

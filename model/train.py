@@ -42,6 +42,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from model.atomic import write_atomically
 from model.backbone import CheckpointError, resolve_device
 from model.checkpoints import (
     CONFIG_FILE,
@@ -53,7 +54,6 @@ from model.checkpoints import (
     remove_stale_temporaries,
     restore_rng,
     save_checkpoint,
-    write_atomically,
 )
 from model.data import (
     IMAGE_KEYS,

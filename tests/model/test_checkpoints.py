@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from model.atomic import write_atomically
 from model.checkpoints import (
     STATE_FILE,
     TrainerState,
@@ -20,7 +21,6 @@ from model.checkpoints import (
     remove_stale_temporaries,
     restore_rng,
     save_checkpoint,
-    write_atomically,
 )
 
 
