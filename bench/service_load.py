@@ -33,6 +33,7 @@ import asyncio
 import io
 import json
 import os
+import platform
 import random
 import signal
 import socket
@@ -40,6 +41,7 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -548,6 +550,22 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def results_record(reports: list[ModelReport], argv: list[str] | None) -> dict[str, Any]:
+    """The JSON of a run: command, date, machine and each report. Routes are written relative
+    to the service root (``search/images``) and no path of this machine is stored."""
+    records = [asdict(report) for report in reports]
+    for record in records:
+        for scenario in record["scenarios"]:
+            scenario["endpoint"] = scenario["endpoint"].lstrip("/")
+    arguments = sys.argv[1:] if argv is None else argv
+    return {
+        "command": " ".join(["python bench/service_load.py", *arguments]),
+        "date": datetime.now(UTC).strftime("%Y-%m-%d"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, CPU",
+        "reports": records,
+    }
+
+
 def _exit_on_sigterm(signum: int, frame: Any) -> None:
     raise SystemExit(128 + signum)  # runs the `finally` blocks that stop the servers
 
@@ -556,12 +574,12 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
-        return _run(args)
+        return _run(args, argv)
     finally:
         signal.signal(signal.SIGTERM, previous)
 
 
-def _run(args: argparse.Namespace) -> int:
+def _run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     if args.smoke:
@@ -599,7 +617,7 @@ def _run(args: argparse.Namespace) -> int:
     print(f"\ntotal {time.perf_counter() - started:.0f} s")
     if args.json_out:
         args.json_out.write_text(
-            json.dumps([asdict(report) for report in reports], indent=2) + "\n", encoding="utf-8"
+            json.dumps(results_record(reports, argv), indent=2) + "\n", encoding="utf-8"
         )
     failed = sum(s.failures for report in reports for s in report.scenarios)
     if failed:

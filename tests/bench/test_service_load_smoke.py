@@ -17,7 +17,10 @@ def test_service_load_benchmark_smoke_run(tmp_path: Path) -> None:
     assert (
         bench.main(["--smoke", "--work-dir", str(tmp_path / "work"), "--json-out", str(out)]) == 0
     )
-    (report,) = json.loads(out.read_text())
+    record = json.loads(out.read_text())
+    assert record["command"].startswith("python bench/service_load.py --smoke")
+    assert record["date"] and record["machine"]
+    (report,) = record["reports"]
     assert report["model"] == "tiny" and report["vectors"] == 2000
     assert report["ready_s"] > 0
     names = [scenario["name"] for scenario in report["scenarios"]]
@@ -28,6 +31,7 @@ def test_service_load_benchmark_smoke_run(tmp_path: Path) -> None:
         assert scenario["failures"] == 0 and scenario["statuses"] == {"200": scenario["requests"]}
         assert 0 < scenario["p50_ms"] <= scenario["p99_ms"]
         assert scenario["throughput_rps"] > 0
+        assert scenario["endpoint"] in ("search/images", "search/captions")  # no leading "/"
     assert not list((tmp_path / "work").glob("index-*/.tmp-*"))  # the index was published
 
 
