@@ -52,6 +52,8 @@ for folder in (ROOT, BENCH):  # `python bench/gpu_check.py` from a checkout
     if str(folder) not in sys.path:
         sys.path.insert(0, str(folder))
 
+from model.atomic import replace_file  # noqa: E402
+
 RESULTS = BENCH / "results" / "gpu_check.json"
 # Share of the remaining budget each section may use; what one leaves unused passes on.
 SHARES = {"environment": 0.15, "training": 0.20, "indexer": 0.25, "service": 0.40}
@@ -92,9 +94,8 @@ class Progress:
 
     def update(self, **figures: Any) -> None:
         self.figures.update(figures)
-        partial = self.path.with_suffix(".partial")
-        partial.write_text(json.dumps(self.figures, indent=2, default=str) + "\n")
-        partial.replace(self.path)
+        with replace_file(self.path, fsync=False) as stream:
+            stream.write(json.dumps(self.figures, indent=2, default=str) + "\n")
 
 
 # ------------------------------------------------------------------------------- sections

@@ -20,11 +20,11 @@ from indexer.errors import BuildError, UsageError
 from indexer.faiss_index import INDEX_OPTIONS, IndexPolicy
 from indexer.shards import Shard
 from indexer.store import (
-    DEFAULT_RUNTIME,
     MetadataField,
     StoreError,
     VersionNotFoundError,
     list_versions,
+    manifest_runtime,
     read_current,
     read_manifest,
     read_metadata_fields,
@@ -349,7 +349,7 @@ def format_manifest(
         f"version      {manifest['version']}{marker}",
         f"created_at   {manifest.get('created_at')}",
         f"model        {model.get('path')} (fingerprint {model['fingerprint'][:16]}…, dim {manifest['dim']})",
-        f"runtime      {_describe_runtime(model)}",
+        f"runtime      {_describe_runtime(manifest)}",
         f"metric       {manifest.get('metric')} over L2-normalised vectors",
     ]
     for name in ("images", "captions"):
@@ -389,9 +389,10 @@ def format_manifest(
     return "\n".join(lines)
 
 
-def _describe_runtime(model: Mapping[str, Any]) -> str:
+def _describe_runtime(manifest: Mapping[str, Any]) -> str:
     """``onnx-int8 (checked against torch fp32: min cosine 0.99871, ...)``, or ``torch``."""
-    runtime = str(model.get("runtime") or DEFAULT_RUNTIME)
+    model = manifest["model"]
+    runtime = manifest_runtime(manifest)
     check = model.get("runtime_check")
     if not check:
         return runtime if "runtime" in model else f"{runtime} (not recorded: an older build)"

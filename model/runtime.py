@@ -52,7 +52,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 RUNTIMES: tuple[str, ...] = ("torch", "onnx", "onnx-int8")
-ONNX_RUNTIMES: tuple[str, ...] = ("onnx", "onnx-int8")
 DEFAULT_PREFERENCE: tuple[str, ...] = ("onnx-int8", "onnx", "torch")  # pick_default_runtime
 CACHE_DIRNAME = ".onnx"
 EXPORT_FILE = "export.json"
@@ -246,8 +245,6 @@ def load_encoder(
     try:
         text_session = _session(directory / "text.onnx", threads)
         image_session = _session(directory / "image.onnx", threads)
-    except RuntimeUnavailable:
-        raise
     except Exception as exc:  # onnxruntime cannot load what was written: rebuild once
         logger.warning("onnxruntime cannot load %s (%s); exporting again", directory, exc)
         _write_export(reference.network, runtime, directory)

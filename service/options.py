@@ -100,19 +100,19 @@ def _invalid(name: str, source: str, message: str, kind: str) -> InvalidInput:
     return InvalidInput(message, details=[{"loc": [source, name], "msg": message, "type": kind}])
 
 
-def parse_int_field(name: str, value: str, low: int, high: int, source: str = "body") -> int:
+def parse_int_field(name: str, value: str, low: int, high: int) -> int:
     """A text field (a multipart part) as an int in ``[low, high]``, else 422 naming it."""
     if not _INTEGER.match(value) or not low <= int(value) <= high:
         raise _invalid(
             name,
-            source,
+            "body",
             f"{name} must be an integer from {low} to {high}, got {value[:40]!r}",
             "int_range",
         )
     return int(value)
 
 
-def parse_min_score_field(value: str, source: str = "body") -> float:
+def parse_min_score_field(value: str) -> float:
     """A text ``min_score`` (a multipart part) as a float in [-1, 1], else 422."""
     try:
         score = float(value)
@@ -121,7 +121,7 @@ def parse_min_score_field(value: str, source: str = "body") -> float:
     if not -1.0 <= score <= 1.0:  # NaN fails too
         raise _invalid(
             "min_score",
-            source,
+            "body",
             f"min_score must be a number from -1 to 1, got {value[:40]!r}",
             "float_range",
         )

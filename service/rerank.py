@@ -11,7 +11,6 @@ popular images come back in many shortlists.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import os
 import threading
@@ -26,6 +25,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image
 
+from model.files import file_sha256
 from model.images import ImageError, collate_pixels, open_image, preprocess_image
 from service.retrieval import RecordT, Scored
 
@@ -42,12 +42,8 @@ WEIGHTS_FILE = "model.safetensors"
 
 
 def teacher_fingerprint(teacher_dir: Path) -> str:
-    """sha256 (hex) of the teacher's ``model.safetensors``, streamed in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with (teacher_dir / WEIGHTS_FILE).open("rb") as weights:
-        for block in iter(lambda: weights.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    """sha256 (hex) of the teacher's ``model.safetensors``."""
+    return file_sha256(teacher_dir / WEIGHTS_FILE)
 
 
 class PixelCache:

@@ -129,6 +129,11 @@ class ImageUpload:
     fields: dict[str, str]
 
 
+def request_media_type(request: Request) -> str:
+    """The request's media type, lower case, without parameters (``image/png``)."""
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
 async def read_image_upload(request: Request) -> ImageUpload:
     """Read a multipart ``image`` part (+ optional option parts: ``k``, ``offset``,
     ``min_score``, ``filter``) or a raw ``image/*`` body.
@@ -137,7 +142,7 @@ async def read_image_upload(request: Request) -> ImageUpload:
     ``image`` part is missing (a urlencoded form has none) or empty, or an option part is over
     :data:`MAX_OPTION_PART_BYTES`. The body-size limit applies while reading.
     """
-    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    media_type = request_media_type(request)
     if media_type in RAW_IMAGE_TYPES:
         return ImageUpload(data=_non_empty(await request.body(), "the request body"), fields={})
     if media_type == _URLENCODED_FORM:

@@ -52,7 +52,13 @@ from service.schemas import (
     similar_images_request_model,
 )
 from service.settings import Settings
-from service.uploads import RAW_IMAGE_TYPES, ImageUpload, decode_upload, read_image_upload
+from service.uploads import (
+    RAW_IMAGE_TYPES,
+    ImageUpload,
+    decode_upload,
+    read_image_upload,
+    request_media_type,
+)
 
 
 async def encode_upload(
@@ -198,8 +204,7 @@ def build_router(settings: Settings) -> APIRouter:
     ) -> ImageSearchResponse:
         started = time.perf_counter()
         require_target(index, IMAGES)
-        media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if media_type == "application/json":
+        if request_media_type(request) == "application/json":
             body = _validate_body(SimilarImagesRequest, await request.body())
             page = body.page(max_k)
             found = await asyncio.to_thread(
