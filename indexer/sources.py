@@ -20,7 +20,8 @@ Captions (``--captions``), by extension:
   - ``.jsonl`` / ``.ndjson``: ``{"caption": ..., "id"?: ..., "image"?: <gallery id>}``
   - ``.txt``: one caption per non-blank line; the id is the line number;
   - ``.json``: Karpathy splits (``images[].sentences[].raw``, optional ``--split``) or COCO
-    captions (``images[].file_name`` + ``annotations[].caption``).
+    captions (``images[].file_name`` + ``annotations[].caption``; integer or string ids),
+    parsed by :mod:`model.captions`, the parser the trainer uses too.
 
 Malformed input raises :class:`indexer.errors.UsageError` naming the file and line (or JSON
 path); duplicate ids do too. Empty captions are skipped and reported, not fatal.
@@ -39,6 +40,13 @@ from typing import Any
 
 from indexer.errors import UsageError
 from indexer.metadata import RESERVED_KEYS, infer_field_types
+from model.captions import (
+    CaptionFormatError,
+    detect_json_format,
+    parse_coco,
+    parse_karpathy,
+    select_splits,
+)
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
 REFUSED_EXTENSIONS = frozenset(
@@ -294,7 +302,8 @@ def _caption_list(captions: Any, caption: Any, origin: str) -> tuple[str, ...]:
 def read_captions(path: Path, *, split: str | None = None) -> CaptionCorpus:
     """Read ``--captions`` (format from the extension; see module docstring).
 
-    ``split`` keeps only the images of that Karpathy split (``train``, ``val``, ``test``…).
+    ``split`` keeps only the images of that Karpathy split (``train``, ``val``, ``test``…);
+    one the file does not have is an error listing those it has.
     """
     path = Path(path)
     if not path.is_file():
@@ -312,16 +321,7 @@ def read_captions(path: Path, *, split: str | None = None) -> CaptionCorpus:
     elif kind == "text":
         entries = list(_captions_text(path))
     else:
-        document = _load_json(path)
-        if isinstance(document, dict) and "annotations" in document and "images" in document:
-            kind, entries = "coco", list(_captions_coco(path, document))
-        elif isinstance(document, dict) and isinstance(document.get("images"), list):
-            kind, entries = "karpathy", list(_captions_karpathy(path, document, split))
-        else:
-            raise UsageError(
-                f"{path}: expected a Karpathy ({{'images': [{{'sentences': ...}}]}}) or a COCO "
-                f"captions ({{'images': ..., 'annotations': ...}}) document"
-            )
+        kind, entries = _captions_json(path, split)
     captions: list[CaptionInput] = []
     skipped: list[SkippedItem] = []
     first_seen: dict[str, str] = {}
@@ -355,52 +355,31 @@ def _captions_text(path: Path) -> Iterator[CaptionInput]:
             yield CaptionInput(str(line_number), line.strip(), None, f"{path}:{line_number}")
 
 
-def _captions_karpathy(
-    path: Path, document: dict[str, Any], split: str | None
-) -> Iterator[CaptionInput]:
-    for i, image in enumerate(document["images"]):
-        where = f"{path}:images[{i}]"
-        if not isinstance(image, dict) or not isinstance(image.get("filename"), str):
-            raise UsageError(f"{where}: expected an object with a string 'filename'")
-        if split is not None and image.get("split") != split:
-            continue
-        folder = image.get("filepath")
-        ref = f"{folder}/{image['filename']}" if folder else image["filename"]
-        sentences = image.get("sentences")
-        if not isinstance(sentences, list):
-            raise UsageError(f"{where}: expected a list 'sentences', got {sentences!r}")
-        for j, sentence in enumerate(sentences):
-            origin = f"{where}.sentences[{j}]"
-            raw = sentence.get("raw") if isinstance(sentence, dict) else None
-            if not isinstance(raw, str):
-                raise UsageError(f"{origin}: expected an object with a string 'raw'")
-            caption_id = _id_text(sentence.get("sentid", f"{i}.{j}"), origin)
-            yield CaptionInput(caption_id, raw.strip(), _ref(ref), origin)
-
-
-def _captions_coco(path: Path, document: dict[str, Any]) -> Iterator[CaptionInput]:
-    for key in ("images", "annotations"):
-        if not isinstance(document[key], list):
-            raise UsageError(f"{path}: expected {key!r} to be a list, got {document[key]!r:.80}")
-    files: dict[str | int, str] = {}
-    for i, image in enumerate(document["images"]):
-        where = f"{path}:images[{i}]"
-        if not isinstance(image, dict) or "id" not in image or "file_name" not in image:
-            raise UsageError(f"{where}: expected an object with 'id' and 'file_name'")
-        if not _is_key(image["id"]):
-            raise UsageError(f"{where}: 'id' must be an integer or string, got {image['id']!r}")
-        if not isinstance(image["file_name"], str):
-            raise UsageError(f"{where}: 'file_name' must be a string, got {image['file_name']!r}")
-        files[image["id"]] = image["file_name"]
-    for i, annotation in enumerate(document["annotations"]):
-        origin = f"{path}:annotations[{i}]"
-        if not isinstance(annotation, dict) or not isinstance(annotation.get("caption"), str):
-            raise UsageError(f"{origin}: expected an object with a string 'caption'")
-        image_id = annotation.get("image_id")
-        if not _is_key(image_id) or image_id not in files:
-            raise UsageError(f"{origin}: image_id {image_id!r} is not in the 'images' list")
-        caption_id = _id_text(annotation.get("id", str(i)), origin)
-        yield CaptionInput(caption_id, annotation["caption"].strip(), files[image_id], origin)
+def _captions_json(path: Path, split: str | None) -> tuple[str, list[CaptionInput]]:
+    """A Karpathy or COCO captions file, through the parser the trainer uses; blank captions
+    come through as ``""`` (skipped and reported by the caller)."""
+    document = _load_json(path)
+    try:
+        kind = detect_json_format(path, document)
+        if kind == "coco":
+            if split is not None:
+                raise UsageError(
+                    f"--split {split} only applies to a Karpathy .json file, not the COCO "
+                    f"captions file {path}"
+                )
+            records = parse_coco(path, document, keep_blank=True, string_ids=True)
+        else:
+            records = select_splits(path, parse_karpathy(path, document, keep_blank=True), split)
+    except CaptionFormatError as exc:
+        location = f"{exc.path}:{exc.where}" if exc.where else f"{exc.path}"
+        raise UsageError(f"{location}: {exc.problem}") from exc
+    entries = [
+        CaptionInput(
+            record.caption_id, record.caption, _ref(record.image_file), f"{path}:{record.where}"
+        )
+        for record in records
+    ]
+    return kind, entries
 
 
 def link_captions(captions: Sequence[CaptionInput], gallery_ids: Iterable[str]) -> list[str | None]:
@@ -474,11 +453,6 @@ def _load_json(path: Path) -> Any:
         raise UsageError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg})") from exc
     except UnicodeDecodeError as exc:
         raise _not_utf8(path, exc) from exc
-
-
-def _is_key(value: Any) -> bool:
-    """An image id a COCO record may use: an integer or a string (not a bool)."""
-    return isinstance(value, (str, int)) and not isinstance(value, bool)
 
 
 def _id_text(value: Any, origin: str) -> str:

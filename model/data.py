@@ -1,8 +1,9 @@
 """Caption datasets: readers for the common formats, a training dataset and batching.
 
-Readers turn a file into a list of :class:`Pair` (one per caption) and fail with
-:class:`DatasetFormatError` naming the file and the line (JSONL) or record (JSON), and what
-was expected and found; :class:`MissingImageError` names the image file and its record.
+Readers turn a file into a list of :class:`Pair` (one per caption); the parsing itself is
+:mod:`model.captions`, shared with the indexer. They fail with :class:`DatasetFormatError`
+naming the file and the line (JSONL) or record (JSON), and what was expected and found;
+:class:`MissingImageError` names the image file and its record. Blank captions are errors.
 
 - :func:`read_karpathy`: ``dataset_coco.json`` / ``dataset_flickr30k.json`` (Karpathy splits)
 - :func:`read_coco_captions`: ``captions_*.json`` from the COCO release
@@ -20,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Collection, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypedDict
@@ -28,6 +30,15 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from model.captions import (
+    CaptionFormatError,
+    CaptionRecord,
+    detect_json_format,
+    parse_coco,
+    parse_karpathy,
+    parse_pair_jsonl,
+    select_splits,
+)
 from model.images import (
     DEFAULT_MAX_PIXELS,
     ImageError,
@@ -74,10 +85,6 @@ class Pair:
     split: str
 
 
-# A pair plus where it came from ("line 7", "images[12] (filename 'x.jpg')"), for messages.
-_Located = tuple[Pair, str]
-
-
 # ---------------------------------------------------------------------------- readers
 
 
@@ -97,10 +104,7 @@ def read_karpathy(
     keeps all. Returns one :class:`Pair` per sentence, image by image in file order.
     """
     path = Path(path)
-    document = _load_json(path)
-    base = Path(images_dir) if images_dir is not None else path.parent
-    located = _parse_karpathy(path, document, base)
-    return _finish(path, located, split, check_files)
+    return _karpathy_pairs(path, _load_json(path), split, images_dir, check_files)
 
 
 def read_coco_captions(
@@ -114,9 +118,7 @@ def read_coco_captions(
     The format carries no split, so every pair's ``split`` is ``""``.
     """
     path = Path(path)
-    document = _load_json(path)
-    located = _parse_coco(path, document, Path(images_dir))
-    return _finish(path, located, None, check_files)
+    return _coco_pairs(path, _load_json(path), Path(images_dir), check_files)
 
 
 def read_jsonl(
@@ -134,31 +136,9 @@ def read_jsonl(
     skipped; line numbers in errors count from 1.
     """
     path = Path(path)
-    base = Path(images_dir) if images_dir is not None else path.parent
-    located: list[_Located] = []
-    with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            where = f"line {number}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DatasetFormatError(
-                    f"{path}, {where}: expected a JSON object, found invalid JSON ({exc.msg} "
-                    f"at column {exc.colno}): {_short(line.strip())}"
-                ) from exc
-            if not isinstance(record, dict):
-                raise DatasetFormatError(
-                    f"{path}, {where}: expected a JSON object, found {_short(record)}"
-                )
-            image = _field(path, where, record, "image", str)
-            caption = _caption(path, where, record, "caption")
-            image_id = _field(path, where, record, "image_id", (str, int), default=image)
-            record_split = _field(path, where, record, "split", str, default="")
-            pair = Pair(base / image, caption, str(image_id), record_split)
-            located.append((pair, where))
-    return _finish(path, located, split, check_files)
+    with _dataset_errors():
+        records = select_splits(path, parse_pair_jsonl(path), split)
+    return _pairs(path, records, _image_root(path, images_dir), check_files)
 
 
 def read_pairs(
@@ -172,7 +152,8 @@ def read_pairs(
 
     ``.jsonl`` is JSONL; a ``.json`` object with ``images`` and ``annotations`` is COCO
     captions (``images_dir`` required) and any other object with an ``images`` list is read
-    as Karpathy (whose records must then have ``sentences``). ``split`` applies to formats that carry splits (Karpathy, JSONL).
+    as Karpathy (whose records must then have ``sentences``). ``split`` applies to formats
+    that carry splits (Karpathy, JSONL).
     """
     path = Path(path)
     if path.suffix.lower() == ".jsonl":
@@ -183,23 +164,36 @@ def read_pairs(
             f"found extension {path.suffix!r}"
         )
     document = _load_json(path)
-    if isinstance(document, dict) and "annotations" in document and "images" in document:
-        if images_dir is None:
-            raise ValueError(
-                f"{path} is a COCO captions file, whose file names are relative to the image "
-                "folder: pass images_dir"
-            )
-        if split is not None:
-            raise ValueError(f"{path} is a COCO captions file, which has no splits: got {split!r}")
-        return _finish(path, _parse_coco(path, document, Path(images_dir)), None, check_files)
-    if isinstance(document, dict) and isinstance(document.get("images"), list):
-        base = Path(images_dir) if images_dir is not None else path.parent
-        return _finish(path, _parse_karpathy(path, document, base), split, check_files)
-    found = sorted(document)[:10] if isinstance(document, dict) else type(document).__name__
-    raise DatasetFormatError(
-        f"{path}: expected a Karpathy split file (an object with 'images') or a COCO captions "
-        f"file ('images' and 'annotations'), found {found}"
-    )
+    with _dataset_errors():
+        json_format = detect_json_format(path, document)
+    if json_format == "karpathy":
+        return _karpathy_pairs(path, document, split, images_dir, check_files)
+    if images_dir is None:
+        raise ValueError(
+            f"{path} is a COCO captions file, whose file names are relative to the image "
+            "folder: pass images_dir"
+        )
+    if split is not None:
+        raise ValueError(f"{path} is a COCO captions file, which has no splits: got {split!r}")
+    return _coco_pairs(path, document, Path(images_dir), check_files)
+
+
+def _karpathy_pairs(
+    path: Path,
+    document: Any,
+    split: str | Collection[str] | None,
+    images_dir: str | Path | None,
+    check_files: bool,
+) -> list[Pair]:
+    with _dataset_errors():
+        records = select_splits(path, parse_karpathy(path, document), split)
+    return _pairs(path, records, _image_root(path, images_dir), check_files)
+
+
+def _coco_pairs(path: Path, document: Any, images_dir: Path, check_files: bool) -> list[Pair]:
+    with _dataset_errors():
+        records = parse_coco(path, document, image_order=True)
+    return _pairs(path, records, images_dir, check_files)
 
 
 def _load_json(path: Path) -> Any:
@@ -212,146 +206,39 @@ def _load_json(path: Path) -> Any:
         ) from exc
 
 
-def _parse_karpathy(path: Path, document: Any, base: Path) -> list[_Located]:
-    records = _top_level_list(path, document, "images")
-    located: list[_Located] = []
-    for index, record in enumerate(records):
-        where = f"images[{index}]"
-        if not isinstance(record, dict):
-            raise DatasetFormatError(f"{path}, {where}: expected an object, found {_short(record)}")
-        filename = _field(path, where, record, "filename", str)
-        where = f"images[{index}] (filename {filename!r})"
-        filepath = _field(path, where, record, "filepath", str, default="")
-        record_split = _field(path, where, record, "split", str)
-        sentences = record.get("sentences")
-        if not isinstance(sentences, list) or not sentences:
-            raise DatasetFormatError(
-                f"{path}, {where}: expected 'sentences' to be a non-empty list, "
-                f"found {_short(sentences)}"
-            )
-        cocoid = record.get("cocoid")
-        image_id = str(cocoid) if cocoid is not None else Path(filename).stem
-        image_path = base / filepath / filename
-        for number, sentence in enumerate(sentences):
-            sentence_where = f"{where}.sentences[{number}]"
-            if not isinstance(sentence, dict):
-                raise DatasetFormatError(
-                    f"{path}, {sentence_where}: expected an object with 'raw', "
-                    f"found {_short(sentence)}"
-                )
-            caption = _caption(path, sentence_where, sentence, "raw")
-            located.append((Pair(image_path, caption, image_id, record_split), where))
-    return located
+@contextmanager
+def _dataset_errors() -> Iterator[None]:
+    """The shared parser's errors as :class:`DatasetFormatError`, message unchanged."""
+    try:
+        yield
+    except CaptionFormatError as exc:
+        raise DatasetFormatError(str(exc)) from exc
 
 
-def _parse_coco(path: Path, document: Any, images_dir: Path) -> list[_Located]:
-    images = _top_level_list(path, document, "images")
-    annotations = _top_level_list(path, document, "annotations")
-    file_names: dict[int, tuple[str, str]] = {}  # id -> (file_name, where)
-    for index, image in enumerate(images):
-        where = f"images[{index}]"
-        if not isinstance(image, dict):
-            raise DatasetFormatError(f"{path}, {where}: expected an object, found {_short(image)}")
-        image_id = _field(path, where, image, "id", int)
-        file_name = _field(path, where, image, "file_name", str)
-        if image_id in file_names:
-            raise DatasetFormatError(
-                f"{path}, {where}: image id {image_id} already used by {file_names[image_id][1]}"
-            )
-        file_names[image_id] = (file_name, where)
-    captions: dict[int, list[_Located]] = {image_id: [] for image_id in file_names}
-    for index, annotation in enumerate(annotations):
-        where = f"annotations[{index}]"
-        if not isinstance(annotation, dict):
-            raise DatasetFormatError(
-                f"{path}, {where}: expected an object, found {_short(annotation)}"
-            )
-        image_id = _field(path, where, annotation, "image_id", int)
-        where = f"annotations[{index}] (image_id {image_id})"
-        caption = _caption(path, where, annotation, "caption")
-        if image_id not in file_names:
-            raise DatasetFormatError(
-                f"{path}, {where}: expected an image_id listed in 'images', found {image_id}"
-            )
-        image_path = images_dir / file_names[image_id][0]
-        captions[image_id].append((Pair(image_path, caption, str(image_id), ""), where))
-    return [item for image_id in file_names for item in captions[image_id]]
+def _image_root(path: Path, images_dir: str | Path | None) -> Path:
+    """The folder image paths are relative to: ``images_dir``, else the file's own folder."""
+    return Path(images_dir) if images_dir is not None else path.parent
 
 
-def _top_level_list(path: Path, document: Any, key: str) -> list[Any]:
-    if not isinstance(document, dict):
-        raise DatasetFormatError(
-            f"{path}: expected a JSON object with a list '{key}', found {type(document).__name__}"
-        )
-    value = document.get(key)
-    if not isinstance(value, list):
-        raise DatasetFormatError(f"{path}: expected '{key}' to be a list, found {_short(value)}")
-    return value
-
-
-_REQUIRED: Any = object()
-_KIND_NAMES = {str: "a string", int: "an integer", (str, int): "a string or integer"}
-
-
-def _field(
-    path: Path,
-    where: str,
-    record: dict[str, Any],
-    key: str,
-    kind: type | tuple[type, ...],
-    default: Any = _REQUIRED,
-) -> Any:
-    """``record[key]`` checked to be of ``kind``; ``default`` when the key is absent."""
-    if key not in record and default is not _REQUIRED:
-        return default
-    value = record.get(key)
-    # bool is an int subclass; a true/false id is a mistake, not an id.
-    if not isinstance(value, kind) or isinstance(value, bool):
-        expected = _KIND_NAMES.get(kind, str(kind))
-        found = "nothing (key missing)" if key not in record else _short(value)
-        raise DatasetFormatError(
-            f"{path}, {where}: expected '{key}' to be {expected}, found {found}"
-        )
-    return value
-
-
-def _caption(path: Path, where: str, record: dict[str, Any], key: str) -> str:
-    caption = _field(path, where, record, key, str).strip()
-    if not caption:
-        raise DatasetFormatError(
-            f"{path}, {where}: expected '{key}' to be a non-empty caption, found "
-            f"{_short(record[key])}"
-        )
-    return str(caption)
-
-
-def _short(value: Any, limit: int = 80) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _finish(
-    path: Path, located: list[_Located], split: str | Collection[str] | None, check_files: bool
+def _pairs(
+    path: Path, records: Sequence[CaptionRecord], image_root: Path, check_files: bool
 ) -> list[Pair]:
-    """Keep the requested splits, then check that every image file exists."""
-    if split is not None:
-        wanted = {split} if isinstance(split, str) else set(split)
-        available = sorted({pair.split for pair, _ in located})
-        unknown = sorted(wanted - set(available))
-        if unknown:
-            raise ValueError(f"{path}: no records of split {unknown}; the file has {available}")
-        located = [(pair, where) for pair, where in located if pair.split in wanted]
+    """One :class:`Pair` per record, its image under ``image_root``; with ``check_files``,
+    a :class:`MissingImageError` for the first record whose image file does not exist."""
+    pairs = [
+        Pair(image_root / record.image_file, record.caption, record.image_id, record.split)
+        for record in records
+    ]
     if check_files:
         checked: set[Path] = set()
-        for pair, where in located:
+        for pair, record in zip(pairs, records, strict=True):
             if pair.image_path in checked:
                 continue
             if not pair.image_path.is_file():
                 raise MissingImageError(
-                    f"{path}, {where}: image file {pair.image_path} does not exist"
+                    f"{path}, {record.where}: image file {pair.image_path} does not exist"
                 )
             checked.add(pair.image_path)
-    pairs = [pair for pair, _ in located]
     logger.info(
         "read %d captions of %d images from %s",
         len(pairs),

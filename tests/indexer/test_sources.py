@@ -158,17 +158,22 @@ def test_caption_formats(tmp_path: Path) -> None:
          r"c\.jsonl:2: duplicate caption id 'x'"),
         ("c.jsonl", '{"caption": "a"}\nnot json\n', r"c\.jsonl:2: invalid JSON"),
         ("c.json", '{"images": [\n{"filename": "a.jpg", "sentences": [{"raw": 1}]}]}',
-         r"c\.json:images\[0\]\.sentences\[0\]: expected an object with a string 'raw'"),
+         r"c\.json:images\[0\] \(filename 'a\.jpg'\)\.sentences\[0\]: expected 'raw' to be a string, found 1"),
         ("c.json", '{"images": [],\n "annotations": [{"image_id": 9, "caption": "x"}]}',
-         r"c\.json:annotations\[0\]: image_id 9 is not in the 'images' list"),
+         r"c\.json:annotations\[0\] \(image_id 9\): expected an image_id listed in 'images', found 9"),
         ("c.json", '{"images": [{"id": [1], "file_name": "a.jpg"}], "annotations": []}',
-         r"c\.json:images\[0\]: 'id' must be an integer or string, got \[1\]"),
+         r"c\.json:images\[0\]: expected 'id' to be a string or integer, found \[1\]"),
         ("c.json", '{"images": [{"id": {"n": 1}, "file_name": "a.jpg"}], "annotations": []}',
-         r"c\.json:images\[0\]: 'id' must be an integer or string, got \{'n': 1\}"),
+         r"c\.json:images\[0\]: expected 'id' to be a string or integer, found \{'n': 1\}"),
         ("c.json", '{"images": [{"id": 1, "file_name": "a.jpg"}],\n'
                    ' "annotations": [{"image_id": [1], "caption": "x"}]}',
-         r"c\.json:annotations\[0\]: image_id \[1\] is not in the 'images' list"),
+         r"c\.json:annotations\[0\]: expected 'image_id' to be a string or integer, found \[1\]"),
         ("c.json", '{"images": 3, "annotations": []}', r"c\.json: expected 'images' to be a list"),
+        ("c.json", '{"images": [{"id": 1, "file_name": "a.jpg"}, {"id": 1, "file_name": "b.jpg"}],'
+                   ' "annotations": []}',
+         r"c\.json:images\[1\]: image id 1 already used by images\[0\]"),
+        ("c.json", '{"images": [{"filename": "a.jpg", "sentences": [{"raw": "x", "sentid": ""}]}]}',
+         r"c\.json:images\[0\] \(filename 'a\.jpg'\)\.sentences\[0\]: expected 'sentid' to be a non-empty id"),
         ("c.json", '{"images": [}', r"c\.json:1: invalid JSON"),
         ("c.json", '[1, 2]', r"expected a Karpathy"),
         ("c.csv", "caption\n", r"unknown format '\.csv'"),
@@ -188,6 +193,40 @@ def test_split_only_applies_to_karpathy(tmp_path: Path) -> None:
     path.write_text('{"caption": "a"}\n')
     with pytest.raises(UsageError, match="--split"):
         read_captions(path, split="test")
+    coco = tmp_path / "coco.json"
+    coco.write_text('{"images": [], "annotations": []}')
+    with pytest.raises(UsageError, match=r"--split test only applies to a Karpathy"):
+        read_captions(coco, split="test")
+    karpathy = tmp_path / "k.json"
+    karpathy.write_text(
+        '{"images": [{"filename": "a.jpg", "split": "val", "sentences": [{"raw": "x"}]}]}'
+    )
+    with pytest.raises(UsageError, match=r"k\.json: no records of split \['test'\]; the file has"):
+        read_captions(karpathy, split="test")
+
+
+def test_blank_json_captions_are_skipped_and_string_coco_ids_link(tmp_path: Path) -> None:
+    karpathy = tmp_path / "k.json"
+    karpathy.write_text(json.dumps({"images": [
+        {"filename": "a.jpg", "sentences": [{"raw": " "}, {"raw": "A dog."}]},
+        {"filename": "b.jpg", "sentences": []},
+    ]}))  # fmt: skip
+    corpus = read_captions(karpathy)
+    assert [(c.id, c.caption) for c in corpus.captions] == [("0.1", "A dog.")]
+    assert [(s.id, s.reason) for s in corpus.skipped] == [("0.0", "empty_caption")]
+    assert corpus.skipped[0].detail.startswith(f"{karpathy}:images[0] (filename 'a.jpg')")
+
+    coco = tmp_path / "coco.json"
+    coco.write_text(json.dumps({
+        "images": [{"id": "img-a", "file_name": "./x.jpg"}, {"id": 7, "file_name": "y.jpg"}],
+        "annotations": [{"image_id": 7, "caption": "a bus"}, {"image_id": "img-a", "caption": ""},
+                        {"image_id": "img-a", "caption": "a tram"}],
+    }))  # fmt: skip
+    corpus = read_captions(coco)
+    assert [(c.id, c.caption, c.image_ref) for c in corpus.captions] == [
+        ("0", "a bus", "y.jpg"), ("2", "a tram", "x.jpg"),
+    ]  # fmt: skip
+    assert [s.id for s in corpus.skipped] == ["1"]
 
 
 def test_links_match_ids_exactly_or_by_unique_file_name() -> None:
