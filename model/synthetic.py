@@ -333,7 +333,11 @@ def _place_row(rng: random.Random, kinds: list[tuple[str, str, str]], relation: 
     return Scene(tuple(objects), relation)
 
 
-def _draw_scene(rng: random.Random, n_objects: int) -> Scene:
+def random_scene(rng: random.Random, n_objects: int | None = None) -> Scene:
+    """One scene drawn like the dataset's non-twin images (``n_objects`` None: 1, 2 or 3 with
+    the dataset's weights); for samplers that want fresh scenes rather than the fixed split."""
+    if n_objects is None:
+        n_objects = rng.choices((1, 2, 3), _OBJECT_COUNT_WEIGHTS)[0]
     if n_objects == 1:
         shape, colour, size = rng.choice(SHAPES), rng.choice(list(COLOURS)), rng.choice(list(SIZES))
         position = rng.choice(POSITIONS)
@@ -417,7 +421,7 @@ def _generate_split(
     while groups < n_groups:
         groups += accept(_draw_twin_group(rng))
     while len(scenes) < count:
-        accept([_draw_scene(rng, rng.choices((1, 2, 3), _OBJECT_COUNT_WEIGHTS)[0])])
+        accept([random_scene(rng)])
     rng.shuffle(scenes)
     drawn = []
     for scene in scenes:
