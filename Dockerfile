@@ -21,6 +21,10 @@ COPY model ./model
 COPY indexer ./indexer
 COPY service ./service
 RUN make install-gpu PYTHON=python3.11 VENV=/opt/venv TORCH_SPEC="${TORCH_SPEC}"
+# RAY_SPEC: the `ray` extra of pyproject.toml for `--engine ray` (docker compose --profile ray);
+# installed on its own because `pip install .[ray]` would bring faiss-cpu back. Empty: no Ray.
+ARG RAY_SPEC=""
+RUN if [ -n "${RAY_SPEC}" ]; then /opt/venv/bin/pip install "${RAY_SPEC}"; fi
 
 RUN useradd --create-home --uid 10001 vld && mkdir -p /index && chown vld /index
 USER 10001

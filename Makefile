@@ -17,7 +17,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
 .PHONY: help install install-dev install-gpu lint format test coverage demo demo-data demo-index \
-        demo-model bench bench-paper bench-queries bench-rerank bench-indexer bench-search bench-filter bench-service bench-runtime gpu-check clean
+        demo-model bench bench-paper bench-queries bench-rerank bench-indexer bench-search bench-filter bench-service bench-runtime bench-ray bench-shapes bench-ivfpq gpu-check clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -106,6 +106,16 @@ bench-service: install  ## HTTP latency and throughput against a real uvicorn pr
 
 bench-runtime: install-dev  ## encoder runtimes on CPU: torch vs ONNX Runtime fp32 / int8 (~15 min on 2 cores)
 	$(PY) bench/runtime_bench.py
+
+bench-ray: install-dev  ## local vs Ray engine on the demo gallery: images/s, start-up -> bench/results/ray_engine.json
+	$(PY) bench/ray_engine.py
+
+bench-ivfpq: install  ## on-disk IVF-PQ over 10M vectors (d=128): build stages, peak RSS, sizes, recall@10, latency (~10-16 min on 2 cores)
+	$(PY) bench/ivfpq_ondisk.py
+
+bench-shapes: install  ## can the demo ViLT's image tower see shapes? (supervised probe, 64 and 96 px)
+	$(PY) bench/shape_probe.py --image-size 64
+	$(PY) bench/shape_probe.py --image-size 96
 
 gpu-check: install  ## GPU host (after make install-gpu): training, indexer, service figures in <= 8 min -> bench/results/gpu_check.json
 	$(PY) bench/gpu_check.py

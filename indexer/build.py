@@ -1,4 +1,13 @@
-"""The build runner: read inputs → encode into shards → faiss indexes → publish a version.
+"""The build runner: plan → encode the pending shards → finalize → publish a version.
+
+- plan: read the inputs and cut each modality into fixed shards (:class:`BuildPlan`; a
+  resumed build has fewer pending ones);
+- encode: the engine's one job (:mod:`indexer.engines`: ``local`` on this machine, ``ray`` on
+  a Ray cluster), writing every shard through :class:`indexer.shards.ShardStore`;
+- finalize: the finished shards become faiss indexes, metadata and a manifest in a staging
+  directory; publish: :func:`indexer.publish.publish_version` moves ``CURRENT``.
+
+Plan, finalize and publish are the same for every engine.
 
 Everything that can be wrong with the arguments (paths, duplicate ids, the model directory,
 the output root, a concurrent build) is found before the first image is decoded and raised
@@ -25,15 +34,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from indexer.engines import ENGINES, CaptionJob, Engine, ImageJob, RayOptions, make_engine
 from indexer.errors import BuildError, UsageError
 from indexer.faiss_index import INDEX_OPTIONS, IndexPolicy
-from indexer.pipeline import (
-    EncodeStats,
-    PipelineEncoder,
-    ShardCallback,
-    encode_caption_shards,
-    encode_image_shards,
-)
+from indexer.pipeline import EncodeStats, PipelineEncoder, ShardCallback
 from indexer.publish import (
     TEMP_PREFIX,
     BuildLock,
@@ -81,7 +85,7 @@ class BuildConfig:
     # onnx-int8, onnx, torch that passes its check (exports and checks on first use).
     runtime: str = DEFAULT_RUNTIME
     batch_size: int | None = None  # images per forward pass; None = 256 on a GPU, 32 on the CPU
-    workers: int | None = None  # decoding processes; None = one per core but one
+    workers: int | None = None  # local engine: decoding processes; None = one per core but one
     threads: int | None = None  # torch intra-op threads for encoding; None = torch's default
     index: str = "auto"
     resume: bool = False
@@ -89,8 +93,12 @@ class BuildConfig:
     max_pixels: int = DEFAULT_MAX_PIXELS  # larger images are skipped as decompression bombs
     policy: IndexPolicy = field(default_factory=IndexPolicy)
     progress_interval_s: float = 10.0
+    engine: str = "local"  # local | ray (indexer.engines)
+    ray: RayOptions = field(default_factory=RayOptions)  # used by the ray engine only
 
     def __post_init__(self) -> None:
+        if self.engine not in ENGINES:
+            raise UsageError(f"--engine must be one of {ENGINES}, got {self.engine!r}")
         if self.images is None and self.captions is None:
             raise UsageError("give at least one of --images and --captions")
         if self.index not in INDEX_OPTIONS:
@@ -138,18 +146,36 @@ class BuildResult:
         )
 
 
+@dataclass(frozen=True)
+class BuildPlan:
+    """What a build encodes: each modality's shards (a ``ShardStore`` whose ``pending()`` are
+    still to encode) with its inputs in position order."""
+
+    images: ImageJob | None
+    captions: CaptionJob | None
+
+
 @dataclass
 class _Modality:
     """The encoded vectors of one modality and the input positions they came from."""
 
-    vectors: np.ndarray
+    vectors: list[np.ndarray]  # (n_i, D) float32 blocks in row order, memory-mapped shards
     positions: np.ndarray
     skipped: list[SkippedItem]
     stats: EncodeStats
 
 
-def run_build(config: BuildConfig, *, after_shard: ShardCallback | None = None) -> BuildResult:
-    """Build and publish a version; see the module docstring for the failure contract."""
+def run_build(
+    config: BuildConfig,
+    *,
+    after_shard: ShardCallback | None = None,
+    engine: Engine | None = None,
+) -> BuildResult:
+    """Build and publish a version; see the module docstring for the failure contract.
+
+    ``engine`` defaults to the one ``config.engine`` names (made, and closed, here); one
+    given is the caller's to close. ``after_shard`` is called after each shard is written.
+    """
     started = time.perf_counter()
     gallery = read_gallery(config.images) if config.images is not None else None
     corpus = read_captions(config.captions, split=config.caption_split) if config.captions else None
@@ -168,7 +194,7 @@ def run_build(config: BuildConfig, *, after_shard: ShardCallback | None = None) 
         if config.threads is not None:
             torch.set_num_threads(config.threads)
         try:
-            return _build_locked(config, root, gallery, corpus, started, after_shard)
+            return _build_locked(config, root, gallery, corpus, started, after_shard, engine)
         finally:
             torch.set_num_threads(threads)
 
@@ -180,18 +206,29 @@ def _build_locked(
     corpus: CaptionCorpus | None,
     started: float,
     after_shard: ShardCallback | None,
+    given_engine: Engine | None,
 ) -> BuildResult:
-    """Everything after the lock: load, encode, index, publish."""
-    encoder = _load_encoder(config)
-    dim = int(encoder.embedding_dim)
+    """Everything after the lock: load, plan, encode, finalize, publish."""
+    encoder = load_build_encoder(config)
     digest = _inputs_digest(config, gallery, corpus, encoder)
-    build_dir, version = _prepare_build_dir(root, digest, config)
-    logger.info("building version %s in %s", version, build_dir)
-    images = captions = None
-    if gallery is not None:
-        images = _encode_images(encoder, gallery, build_dir, dim, config, after_shard)
-    if corpus is not None:
-        captions = _encode_captions(encoder, corpus, build_dir, dim, config, after_shard)
+    engine = given_engine if given_engine is not None else make_engine(config)
+    try:
+        build_dir, version = _prepare_build_dir(root, digest, config)
+        logger.info("building version %s in %s with the %s engine", version, build_dir, engine.name)
+        plan = _plan(encoder, gallery, corpus, build_dir, config)
+        images = captions = None
+        if plan.images is not None and gallery is not None:
+            stats = engine.encode_images(encoder, plan.images, after_shard)
+            images = _finalize_images(plan.images, gallery, stats)
+        if plan.captions is not None and corpus is not None:
+            stats = engine.encode_captions(encoder, plan.captions, after_shard)
+            positions, _ = plan.captions.store.layout()
+            blocks = plan.captions.store.vector_blocks()
+            captions = _Modality(blocks, positions, list(corpus.skipped), stats)
+        engine_record = engine.describe()
+    finally:
+        if given_engine is None:
+            engine.close()
     device = str(encoder.device.type)
     staged = build_dir / "version"
     if staged.exists():
@@ -200,6 +237,7 @@ def _build_locked(
     manifest = _write_version(
         staged, version, config, encoder, gallery, corpus, images, captions, device
     )
+    manifest["build"]["engine"] = engine_record
     manifest["build"]["seconds"] = round(time.perf_counter() - started, 3)
     manifest = write_manifest(staged, _with_rates(manifest, images, captions))
     directory = publish_version(root, staged, version)
@@ -207,8 +245,10 @@ def _build_locked(
     return BuildResult(version, directory, manifest)
 
 
-def _load_encoder(config: BuildConfig) -> PipelineEncoder:
-    """The encoder of ``config.runtime``; every way it cannot load is a :class:`UsageError`."""
+def load_build_encoder(config: BuildConfig) -> PipelineEncoder:
+    """The encoder of ``config.model_dir`` with its ``runtime``, ``device`` and ``dtype``: in
+    the build's process, and in each of the ``ray`` engine's encoder actors. Every way it
+    cannot load is a :class:`UsageError`."""
     from model import CheckpointError, VLDeformer
     from model.backbone import resolve_device
     from model.runtime import RuntimeUnavailable, TorchEncoder, load_encoder
@@ -327,62 +367,48 @@ def _prepare_build_dir(root: Path, digest: str, config: BuildConfig) -> tuple[Pa
     return build_dir, version
 
 
-def _encode_images(
+def _plan(
     encoder: PipelineEncoder,
-    gallery: Gallery,
+    gallery: Gallery | None,
+    corpus: CaptionCorpus | None,
     build_dir: Path,
-    dim: int,
     config: BuildConfig,
-    after_shard: ShardCallback | None,
-) -> _Modality:
+) -> BuildPlan:
+    """Cut each modality into shards of ``config.shard_size`` positions under ``build_dir``."""
     on_gpu = encoder.device.type == "cuda"
-    workers = config.workers if config.workers is not None else max(1, (os.cpu_count() or 2) - 1)
-    batch_size = config.batch_size or (256 if on_gpu else 32)
-    ids = [image.id for image in gallery.images]
-    store = ShardStore(build_dir / "shards" / "images", ids, config.shard_size, dim)
-    stats = encode_image_shards(
-        encoder,
-        [str(image.path) for image in gallery.images],
-        store,
-        batch_size=batch_size,
-        workers=workers,
-        max_pixels=config.max_pixels,
-        progress_interval_s=config.progress_interval_s,
-        after_shard=after_shard,
-    )
-    content = store.assemble()
-    skipped = list(content.skipped)
-    if len(content.positions) == 0:
+    dim = int(encoder.embedding_dim)
+    images = captions = None
+    if gallery is not None:
+        ids = [image.id for image in gallery.images]
+        images = ImageJob(
+            paths=[str(image.path) for image in gallery.images],
+            store=ShardStore(build_dir / "shards" / "images", ids, config.shard_size, dim),
+            batch_size=config.batch_size or (256 if on_gpu else 32),
+            max_pixels=config.max_pixels,
+            progress_interval_s=config.progress_interval_s,
+        )
+    if corpus is not None:
+        ids = [caption.id for caption in corpus.captions]
+        captions = CaptionJob(
+            texts=[caption.caption for caption in corpus.captions],
+            store=ShardStore(build_dir / "shards" / "captions", ids, config.shard_size, dim),
+            batch_size=config.batch_size or (256 if on_gpu else 64),
+            progress_interval_s=config.progress_interval_s,
+        )
+    return BuildPlan(images, captions)
+
+
+def _finalize_images(job: ImageJob, gallery: Gallery, stats: EncodeStats) -> _Modality:
+    positions, skipped_items = job.store.layout()
+    skipped = list(skipped_items)
+    if len(positions) == 0:
         reasons = Counter(item.reason for item in skipped)
         raise BuildError(
-            f"no usable image among the {len(ids)} files of {gallery.source} "
+            f"no usable image among the {len(job.paths)} files of {gallery.source} "
             f"(skipped: {dict(reasons)}); CURRENT is unchanged"
         )
-    return _Modality(content.vectors, content.positions, skipped, stats)
-
-
-def _encode_captions(
-    encoder: PipelineEncoder,
-    corpus: CaptionCorpus,
-    build_dir: Path,
-    dim: int,
-    config: BuildConfig,
-    after_shard: ShardCallback | None,
-) -> _Modality:
-    on_gpu = encoder.device.type == "cuda"
-    batch_size = config.batch_size or (256 if on_gpu else 64)
-    ids = [caption.id for caption in corpus.captions]
-    store = ShardStore(build_dir / "shards" / "captions", ids, config.shard_size, dim)
-    stats = encode_caption_shards(
-        encoder,
-        [caption.caption for caption in corpus.captions],
-        store,
-        batch_size=batch_size,
-        progress_interval_s=config.progress_interval_s,
-        after_shard=after_shard,
-    )
-    content = store.assemble()
-    return _Modality(content.vectors, content.positions, list(corpus.skipped), stats)
+    # memory-mapped blocks, one per shard: the index builder streams them (IVF-PQ on disk)
+    return _Modality(job.store.vector_blocks(), positions, skipped, stats)
 
 
 def _write_version(

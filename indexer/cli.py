@@ -11,14 +11,13 @@ import argparse
 import json
 import logging
 import sys
-import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from indexer.engines import ENGINES, RAY_EXTRA_HINT, RayOptions
 from indexer.errors import BuildError, UsageError
 from indexer.faiss_index import INDEX_OPTIONS, IndexPolicy
-from indexer.shards import Shard
 from indexer.store import (
     MetadataField,
     StoreError,
@@ -59,6 +58,7 @@ _positive_int = _number(int, lambda v: v >= 1, "a positive integer")
 _non_negative_int = _number(int, lambda v: v >= 0, "an integer >= 0")
 _unit_fraction = _number(float, lambda v: 0.0 < v <= 1.0, "a number in (0, 1]")
 _positive_float = _number(float, lambda v: v > 0, "a positive number")
+_non_negative_float = _number(float, lambda v: v >= 0, "a number >= 0")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -148,7 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--workers",
         type=_non_negative_int,
         metavar="N",
-        help="image decoding processes; 0 decodes in the main process (default: CPU cores - 1)",
+        help="local engine: image decoding processes; 0 decodes in the main process "
+        "(default: CPU cores - 1). The ray engine decodes in Ray tasks on the cluster's free "
+        "CPUs and ignores it (see --ray-workers)",
     )
     build.add_argument(
         "--threads",
@@ -215,8 +217,38 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="S",
         help="seconds between progress log lines when stderr is not a terminal",
     )
-    # Test hook: sleep after writing N shards, so a test can kill a build mid-encode.
-    build.add_argument("--pause-after-shards", type=_positive_int, help=argparse.SUPPRESS)
+    engine = build.add_argument_group(
+        "engine",
+        "Where the pending shards are encoded. local: decoding processes and the forward pass "
+        "on this machine. ray: Ray Data on a Ray cluster (needs the ray extra: "
+        f"{RAY_EXTRA_HINT}): images decoded in CPU tasks on any node, encoded by --ray-workers "
+        "actors that each load the model once; this process writes the shards and the index, "
+        "so INDEX_ROOT must be on its disk, and every node must read the gallery files at "
+        "the same paths. Both engines give the same vectors, and --resume works across them.",
+    )
+    engine.add_argument(
+        "--engine", default="local", choices=ENGINES, help="local or ray (default: local)"
+    )
+    engine.add_argument(
+        "--ray-address",
+        metavar="ADDR",
+        help="ray: the cluster to join (host:port of a `ray start --head`, or auto); "
+        "default: start a local cluster with this machine's CPUs",
+    )
+    engine.add_argument(
+        "--ray-workers",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help="ray: encoder actors, each with --gpus-per-worker GPUs (default: 1)",
+    )
+    engine.add_argument(
+        "--gpus-per-worker",
+        type=_non_negative_float,
+        metavar="G",
+        help="ray: GPUs per encoder actor, may be fractional (default: 1 when CUDA is "
+        "visible here, else 0: the actors encode on the CPU)",
+    )
 
     info = commands.add_parser(
         "info",
@@ -277,22 +309,6 @@ def _configure_logging(quiet: bool) -> None:
     logging.getLogger("indexer").setLevel(logging.WARNING if quiet else logging.INFO)
 
 
-def _pause_hook(after: int | None) -> Any:
-    if after is None:
-        return None
-    written = 0
-
-    def pause(shard: Shard) -> None:
-        nonlocal written
-        written += 1
-        if written >= after:
-            logger.warning("test hook: paused after %d shards (pid waits to be killed)", written)
-            while True:
-                time.sleep(60)
-
-    return pause
-
-
 def _cmd_build(args: argparse.Namespace) -> int:
     from indexer.build import BuildConfig, run_build, skipped_lines
 
@@ -319,8 +335,14 @@ def _cmd_build(args: argparse.Namespace) -> int:
         max_pixels=args.max_pixels,
         policy=policy,
         progress_interval_s=args.progress_interval,
+        engine=args.engine,
+        ray=RayOptions(
+            address=args.ray_address,
+            workers=args.ray_workers,
+            gpus_per_worker=args.gpus_per_worker,
+        ),
     )
-    result = run_build(config, after_shard=_pause_hook(args.pause_after_shards))
+    result = run_build(config)
     print(result.summary())
     for line in skipped_lines(result.manifest):
         print(line)
@@ -376,7 +398,8 @@ def format_manifest(
         f"skipped      {manifest['counts'].get('skipped', 0)}{f' ({reasons})' if reasons else ''}"
     )
     lines.append(
-        f"build        {build.get('seconds')} s on {build.get('device')} ({build.get('dtype')}); "
+        f"build        {build.get('seconds')} s on {build.get('device')} ({build.get('dtype')}), "
+        f"{(build.get('engine') or {}).get('name', 'local')} engine; "
         f"{build.get('images_per_s')} images/s, {build.get('captions_per_s')} captions/s; "
         f"{build.get('resumed_items', 0)} items resumed"
     )

@@ -78,6 +78,7 @@ class EncodeStats:
     wait_seconds: float = 0.0  # main process waiting for decoded batches
     encode_seconds: float = 0.0  # forward passes, including the copy back to the host
     decode_seconds: float = 0.0  # decode + preprocess time summed over worker processes
+    first_batch_seconds: float = 0.0  # from the start until the first batch was encoded
 
     def to_dict(self) -> dict[str, float]:
         rate = self.encoded / self.seconds if self.seconds > 0 else 0.0
@@ -90,6 +91,7 @@ class EncodeStats:
             "wait_seconds": round(self.wait_seconds, 3),
             "encode_seconds": round(self.encode_seconds, 3),
             "decode_seconds": round(self.decode_seconds, 3),
+            "first_batch_seconds": round(self.first_batch_seconds, 3),
         }
 
 
@@ -137,6 +139,11 @@ def collate_decoded(items: list[DecodedImage]) -> DecodedBatch:
     return DecodedBatch(
         [item.position for item in usable], pixel_values, pixel_mask, failures, seconds
     )
+
+
+def skipped_image(failure: DecodedImage, image_id: str, path: str) -> SkippedItem:
+    """The skipped item that records an unusable gallery file, with the decoder's reason."""
+    return SkippedItem("images", image_id, path, failure.reason or "decode_failed", failure.detail)
 
 
 def _init_worker(worker_id: int) -> None:
@@ -187,20 +194,14 @@ def encode_image_shards(
     progress = Progress(len(paths), "images", initial=stats.resumed, interval_s=progress_interval_s)
     shard_iter = iter(pending)
     shard = next(shard_iter)
-    collected: _ShardBuffer = _ShardBuffer(shard)
+    collected: ShardBuffer = ShardBuffer(shard)
     try:
         waited = time.perf_counter()
         for batch in loader:
             stats.wait_seconds += time.perf_counter() - waited
             stats.decode_seconds += batch.decode_seconds
             for failure in batch.failures:
-                item = SkippedItem(
-                    "images",
-                    store.ids[failure.position],
-                    paths[failure.position],
-                    failure.reason or "decode_failed",
-                    failure.detail,
-                )
+                item = skipped_image(failure, store.ids[failure.position], paths[failure.position])
                 logger.warning("skipped %s: %s (%s)", item.path, item.reason, item.detail)
                 collected.skipped.append(item)
             if batch.pixel_values is not None and batch.pixel_mask is not None:
@@ -212,6 +213,8 @@ def encode_image_shards(
                     )  # (B, D)
                 collected.add(batch.positions, vectors.float().cpu().numpy())
                 stats.encode_seconds += time.perf_counter() - forward_started
+                if not stats.first_batch_seconds:
+                    stats.first_batch_seconds = time.perf_counter() - started
             collected.seen += len(batch.positions) + len(batch.failures)
             progress.update(len(batch.positions) + len(batch.failures))
             if collected.complete:
@@ -221,7 +224,7 @@ def encode_image_shards(
                     after_shard(collected.shard)
                 next_shard = next(shard_iter, None)
                 if next_shard is not None:
-                    collected = _ShardBuffer(next_shard)
+                    collected = ShardBuffer(next_shard)
             waited = time.perf_counter()
     finally:
         progress.close()
@@ -249,12 +252,14 @@ def encode_caption_shards(
     )
     try:
         for shard in pending:
-            collected = _ShardBuffer(shard)
+            collected = ShardBuffer(shard)
             for start in range(shard.start, shard.stop, batch_size):
                 stop = min(start + batch_size, shard.stop)
                 forward_started = time.perf_counter()
                 vectors = encoder.encode_text(list(texts[start:stop]), batch_size=batch_size)
                 stats.encode_seconds += time.perf_counter() - forward_started
+                if not stats.first_batch_seconds:
+                    stats.first_batch_seconds = time.perf_counter() - started
                 collected.add(list(range(start, stop)), vectors)
                 collected.seen += stop - start
                 progress.update(stop - start)
@@ -267,8 +272,9 @@ def encode_caption_shards(
     return stats
 
 
-class _ShardBuffer:
-    """Vectors and skipped items of the shard being encoded, until it is complete."""
+class ShardBuffer:
+    """Vectors and skipped items of the shard being encoded, until it is complete (batches
+    are added in position order)."""
 
     def __init__(self, shard: Shard) -> None:
         self.shard = shard

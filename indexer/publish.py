@@ -37,6 +37,7 @@ import numpy as np
 from indexer.errors import UsageError
 from indexer.faiss_index import IndexPolicy, build_index, choose_kind
 from indexer.metadata import METADATA_FIELDS_SCHEMA, infer_field_types, write_field_values
+from indexer.ondisk import VectorBlocks, build_ondisk_ivfpq, uses_ondisk
 from indexer.store import (
     CURRENT_FILE,
     DEFAULT_RUNTIME,
@@ -63,6 +64,9 @@ LOCK_FILE = ".build.lock"
 # A row to write is exactly the record the store reads back: (row, id, path, captions,
 # metadata).
 ImageRow = ImageRecord
+# One modality's vectors: one float32 (n, D) array, or blocks of one in row order (each may be
+# a read-only np.memmap), so that a collection larger than RAM is never concatenated.
+Vectors = np.ndarray | Sequence[np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -130,32 +134,45 @@ def stage_version(
     staged: Path,
     *,
     image_rows: Sequence[ImageRow] = (),
-    image_vectors: np.ndarray | None = None,
+    image_vectors: Vectors | None = None,
     caption_rows: Sequence[CaptionRow] = (),
-    caption_vectors: np.ndarray | None = None,
+    caption_vectors: Vectors | None = None,
     index: str = "auto",
     policy: IndexPolicy | None = None,
     device: str = "cpu",
 ) -> dict[str, Any]:
     """Build, tune and write the faiss index of each modality given, and ``metadata.sqlite``,
-    into ``staged``. ``*_vectors`` are float32 ``(len(rows), D)`` unit rows in row order.
+    into ``staged``. ``*_vectors`` are float32 ``(len(rows), D)`` unit rows in row order: one
+    array or a sequence of blocks (:data:`Vectors`).
 
-    Returns the manifest's ``indexes`` section.
+    Flat, IVF and HNSW indexes live in RAM, so their blocks are concatenated. An IVF-PQ over
+    at least :attr:`IndexPolicy.ondisk_min_vectors` is built from the blocks as they come,
+    its inverted lists in ``<modality>.ivfdata`` beside the index (:mod:`indexer.ondisk`),
+    recorded as ``"layout": "ondisk"`` in its manifest entry. Returns the manifest's
+    ``indexes`` section.
     """
     policy = policy or IndexPolicy()
     indexes: dict[str, Any] = {}
+    blocks = {
+        name: VectorBlocks(vectors, f"{name} vectors") if vectors is not None else None
+        for name, vectors in (("images", image_vectors), ("captions", caption_vectors))
+    }
     modalities = (
-        ("images", image_rows, image_vectors, caption_vectors),
-        ("captions", caption_rows, caption_vectors, image_vectors),
+        ("images", image_rows, blocks["images"], blocks["captions"]),
+        ("captions", caption_rows, blocks["captions"], blocks["images"]),
     )
     for name, rows, vectors, other in modalities:
         if vectors is None:
             continue
         if len(vectors) != len(rows) or len(vectors) == 0:
             raise ValueError(f"{name}: {len(vectors)} vectors for {len(rows)} rows")
-        kind = choose_kind(len(vectors), vectors.shape[1], index, policy)
-        built = build_index(vectors, kind, policy, other=other, device=device)
-        faiss.write_index(built.index, str(staged / INDEX_FILES[name]))
+        kind = choose_kind(len(vectors), vectors.d, index, policy)
+        path = staged / INDEX_FILES[name]
+        if uses_ondisk(kind, len(vectors), policy):
+            built, _ = build_ondisk_ivfpq(vectors, path, policy, other=other)
+        else:
+            built = build_index(vectors.concatenate(), kind, policy, other=other, device=device)
+            faiss.write_index(built.index, str(path))
         indexes[name] = built.describe()
     write_metadata(staged / METADATA_FILE, image_rows, caption_rows)
     return indexes
@@ -212,9 +229,9 @@ def publish_vectors(
     *,
     fingerprint: str,
     image_rows: Sequence[ImageRow] = (),
-    image_vectors: np.ndarray | None = None,
+    image_vectors: Vectors | None = None,
     caption_rows: Sequence[CaptionRow] = (),
-    caption_vectors: np.ndarray | None = None,
+    caption_vectors: Vectors | None = None,
     index: str = "auto",
     policy: IndexPolicy | None = None,
     extra: dict[str, Any] | None = None,
@@ -225,7 +242,7 @@ def publish_vectors(
 
     The same staging, checksums and atomic switch as a build; returns the version name.
     """
-    dims = {v.shape[1] for v in (image_vectors, caption_vectors) if v is not None}
+    dims = {VectorBlocks(v).d for v in (image_vectors, caption_vectors) if v is not None}
     if len(dims) != 1:
         raise ValueError(f"give image and/or caption vectors of one dimension, got dims {dims}")
     root = Path(root)

@@ -135,6 +135,34 @@ class ShardStore:
         skipped = tuple(SkippedItem(**item) for item in record["skipped"])
         return ShardContent(positions, vectors, skipped)
 
+    def layout(self) -> tuple[np.ndarray, tuple[SkippedItem, ...]]:
+        """The valid positions ``(n,)`` int64 of all shards in order and their skipped items,
+        read from the records only (no vectors). All shards must be done."""
+        positions: list[int] = []
+        skipped: list[SkippedItem] = []
+        for shard in self.shards:
+            record = json.loads(self._paths(shard)[1].read_text(encoding="utf-8"))
+            positions += record["positions"]
+            skipped += [SkippedItem(**item) for item in record["skipped"]]
+        return np.asarray(positions, dtype=np.int64), tuple(skipped)
+
+    def vector_blocks(self) -> list[np.ndarray]:
+        """The valid rows of every shard in position order: one float32 ``(n_i, D)`` block per
+        shard, memory-mapped (``np.load(mmap_mode="r")``), so a finalize step can stream
+        them into an index without holding every vector in RAM. All shards must be done."""
+        blocks = []
+        for shard in self.shards:
+            vectors_path, record_path = self._paths(shard)
+            record = json.loads(record_path.read_text(encoding="utf-8"))
+            vectors = np.load(vectors_path, mmap_mode="r")
+            if vectors.shape != (len(record["positions"]), self.dim):
+                raise ValueError(
+                    f"shard {vectors_path} holds {vectors.shape} vectors for "
+                    f"{len(record['positions'])} items"
+                )
+            blocks.append(vectors)
+        return blocks
+
     def assemble(self) -> ShardContent:
         """All shards in order: valid positions ``(n,)``, vectors ``(n, D)``, skipped items."""
         contents = [self.read(shard) for shard in self.shards]

@@ -7,6 +7,8 @@ Layout of an index root::
       versions/<version>/          one immutable directory per build
         images.faiss               inner-product index over unit image vectors (if any image)
         captions.faiss             the same over caption vectors (if any caption)
+        images.ivfdata             the inverted lists of an on-disk IVF-PQ images.faiss, mapped
+        captions.ivfdata           at search time (layout "ondisk", see indexer/ondisk.py)
         metadata.sqlite            row <-> id, image path, image captions, caption -> image link,
                                    image metadata fields (typed, indexed; see indexer/metadata.py)
         manifest.json              everything about the build, with the sha256 of every file
@@ -22,6 +24,9 @@ Format 1 gained the metadata tables (:data:`indexer.metadata.METADATA_FIELDS_SCH
 addition: a version written before them opens and serves with no metadata fields, and an
 older reader of format 1 ignores them. Searches can be restricted to the rows a metadata
 filter selects (:meth:`IndexVersion.select`, :mod:`indexer.selection`).
+
+Each modality's vectors are reached through :class:`indexer.vector_index.VectorIndex` (search,
+filtered search, stored vectors, self-check), so the search library stays behind one seam.
 """
 
 from __future__ import annotations
@@ -37,16 +42,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import faiss
 import numpy as np
 
 from indexer.errors import StoreError as StoreError
-from indexer.faiss_index import SearchSettings, apply_search_settings
 from indexer.metadata import FilterError as FilterError
 from indexer.metadata import MetadataField as MetadataField
 from indexer.metadata import filter_sql, read_fields
-from indexer.selection import FilterPolicy, SelectionCache, prepare_for_selection, search_selected
+from indexer.selection import FilterPolicy, SelectionCache
 from indexer.selection import RowSelection as RowSelection
+from indexer.vector_index import VectorIndex, VectorIndexError, open_vector_index
 from model.files import file_sha256
 
 logger = logging.getLogger(__name__)
@@ -216,23 +220,26 @@ def _check_query(xq: np.ndarray, dim: int, k: int) -> None:
         raise ValueError(f"k must be a positive integer, got {k!r}")
 
 
-def _load_index(directory: Path, manifest: dict[str, Any], modality: str) -> faiss.Index | None:
+def _load_index(
+    directory: Path,
+    manifest: dict[str, Any],
+    modality: str,
+    filter_policy: FilterPolicy | None = None,
+) -> VectorIndex | None:
     count = int(manifest["counts"][modality])
     info = manifest["indexes"].get(modality)
     if count == 0 or info is None:
         return None
     path = directory / INDEX_FILES[modality]
     try:
-        index = faiss.read_index(str(path))
-    except RuntimeError as exc:
-        raise CorruptVersionError(f"cannot read the faiss index {path}: {exc}") from exc
-    if index.ntotal != count or index.d != int(manifest["dim"]):
+        index = open_vector_index(path, info, modality, filter_policy or FilterPolicy())
+    except VectorIndexError as exc:
+        raise CorruptVersionError(str(exc)) from exc
+    if index.count != count or index.dim != int(manifest["dim"]):
         raise CorruptVersionError(
-            f"{path} holds {index.ntotal} vectors of dimension {index.d}; the manifest says "
+            f"{path} holds {index.count} vectors of dimension {index.dim}; the manifest says "
             f"{count} of dimension {manifest['dim']}"
         )
-    apply_search_settings(index, SearchSettings.from_dict(info))
-    prepare_for_selection(index)
     return index
 
 
@@ -252,7 +259,7 @@ class IndexVersion:
         version: str,
         directory: Path,
         manifest: dict[str, Any],
-        indexes: dict[str, faiss.Index | None],
+        indexes: dict[str, VectorIndex | None],
         connection: sqlite3.Connection,
         filter_policy: FilterPolicy | None = None,
     ) -> None:
@@ -308,7 +315,9 @@ class IndexVersion:
                 f"{directory / MANIFEST_FILE} describes version {manifest['version']!r}, "
                 f"not {version!r}"
             )
-        indexes = {name: _load_index(directory, manifest, name) for name in INDEX_FILES}
+        indexes = {
+            name: _load_index(directory, manifest, name, filter_policy) for name in INDEX_FILES
+        }
         connection = _connect_read_only(directory / METADATA_FILE)
         logger.info(
             "opened index version %s (%d images, %d captions, dim %d)",
@@ -320,7 +329,7 @@ class IndexVersion:
         return cls(root, version, directory, manifest, indexes, connection, filter_policy)
 
     # ------------------------------------------------------------------ search
-    def _index(self, modality: str) -> faiss.Index:
+    def _index(self, modality: str) -> VectorIndex:
         index = self._indexes.get(modality)
         if index is None:
             raise ModalityMissingError(
@@ -343,15 +352,14 @@ class IndexVersion:
         """
         index = self._index(modality)
         _check_query(xq, self.dim, k)
-        if selection is None:
-            distances, rows = index.search(xq, int(k))
-            return distances, rows
-        if selection.version != self.version or selection.modality != modality:
+        if selection is not None and (
+            selection.version != self.version or selection.modality != modality
+        ):
             raise ValueError(
                 f"a selection of {selection.modality} of version {selection.version} cannot "
                 f"restrict a search of {modality} of version {self.version}"
             )
-        return search_selected(index, xq, int(k), selection, self.filter_policy)
+        return index.search(xq, int(k), selection)
 
     def search_images(
         self, xq: np.ndarray, k: int, *, selection: RowSelection | None = None
@@ -390,7 +398,7 @@ class IndexVersion:
         if selection is not None:
             return selection
         if not sql:
-            rows = np.arange(index.ntotal, dtype=np.int64)
+            rows = np.arange(index.count, dtype=np.int64)
         else:
             if modality == "captions":
                 sql = (
@@ -401,7 +409,7 @@ class IndexVersion:
             # the half a million rows of a broad filter on a 1M gallery.
             ((joined,),) = self._query(f"SELECT group_concat(row) FROM ({sql})", parameters)
             rows = np.unique(np.fromstring(joined or "", dtype=np.int64, sep=","))
-        selection = RowSelection(self.version, modality, rows, index.ntotal)
+        selection = RowSelection(self.version, modality, rows, index.count)
         self._selections.put(key, selection)
         return selection
 
@@ -497,7 +505,7 @@ class IndexVersion:
         index = self._index(modality)
         count = self.image_count if modality == "images" else self.caption_count
         wanted = self._check_rows(rows, count, modality)
-        return _reconstruct(index, wanted)
+        return index.reconstruct(wanted)
 
     def close(self) -> None:
         """Release the sqlite connection and the indexes; searches then raise StoreError."""
@@ -542,20 +550,6 @@ def _connect_read_only(path: Path) -> sqlite3.Connection:
     except sqlite3.DatabaseError as exc:
         raise CorruptVersionError(f"cannot read {path}: {exc}") from exc
     return connection
-
-
-def _reconstruct(index: faiss.Index, rows: Sequence[int]) -> np.ndarray:
-    ivf = _try_extract_ivf(index)
-    if ivf is not None and ivf.direct_map.no():
-        ivf.make_direct_map()
-    return np.stack([index.reconstruct(int(row)) for row in rows]).astype(np.float32, copy=False)
-
-
-def _try_extract_ivf(index: faiss.Index) -> Any:
-    try:
-        return faiss.extract_index_ivf(index)
-    except RuntimeError:
-        return None
 
 
 # ---------------------------------------------------------------------- verification
@@ -625,37 +619,7 @@ def _check_contents(directory: Path, manifest: dict[str, Any], self_query: bool)
             if index is None and int(manifest["counts"][modality]) > 0:
                 problems.append(f"the manifest counts {modality} but describes no {modality} index")
             if index is not None and self_query:
-                kind = manifest["indexes"][modality].get("type")
-                problems += _self_query_problems(index, modality, kind)
+                problems += index.verify()
     except (StoreError, sqlite3.DatabaseError) as exc:
         problems.append(str(exc))
-    return problems
-
-
-def _self_query_problems(index: faiss.Index, modality: str, kind: str | None) -> list[str]:
-    """Sample stored vectors must come back as their own best match, up to ties.
-
-    A vector's own score is ``<v, v>``; an exact index must return nothing scoring higher and
-    must return the vector itself unless the whole top ``k`` ties with it (near-duplicates).
-    Lossy IVF-PQ codes only need the row somewhere in the top ``k``.
-    """
-    n = int(index.ntotal)
-    rows = sorted({int(r) for r in np.linspace(0, n - 1, num=min(n, 16)).round()})
-    vectors = _reconstruct(index, rows)
-    k = min(10, n)
-    distances, found = index.search(np.ascontiguousarray(vectors), k)
-    problems = []
-    for query, row in enumerate(rows):
-        hits = [int(i) for i in found[query]]
-        own = float(vectors[query] @ vectors[query])
-        tolerance = 1e-4 * max(1.0, abs(own))
-        if kind == "ivfpq":
-            ok = row in hits
-        elif row in hits:
-            ok = float(distances[query][hits.index(row)]) >= float(distances[query][0]) - tolerance
-        else:
-            ok = float(distances[query][-1]) >= own - tolerance
-        if not ok:
-            rank = hits.index(row) + 1 if row in hits else f"> {k}"
-            problems.append(f"self-query: {modality} row {row} came back at rank {rank}")
     return problems

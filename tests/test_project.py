@@ -98,8 +98,9 @@ def test_make_coverage_measures_every_package() -> None:
 def test_compose_file_describes_indexer_and_api() -> None:
     compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
     services = compose["services"]
-    assert set(services) == {"indexer", "api"}
+    assert set(services) == {"indexer", "indexer-ray", "api"}
     assert services["indexer"]["profiles"] == ["index"]
+    assert services["indexer-ray"]["profiles"] == ["ray"]
     assert "index" in compose["volumes"]
     for name, service in services.items():
         volumes = service["volumes"]
@@ -113,6 +114,10 @@ def test_compose_file_describes_indexer_and_api() -> None:
         devices = service["deploy"]["resources"]["reservations"]["devices"]
         assert any("gpu" in device["capabilities"] for device in devices), name
         command = service["command"]
+        if name == "indexer-ray":  # options after an entrypoint that adds --ray-address if set
+            assert "exec vldeformer-index build --engine ray" in " ".join(service["entrypoint"])
+            assert "/index" in command and "--model" in command
+            continue
         assert command[0] in SCRIPTS, f"{name} runs {command[0]!r}, not a console script"
     assert "/readyz" in " ".join(services["api"]["healthcheck"]["test"])
     indexer_command = services["indexer"]["command"]

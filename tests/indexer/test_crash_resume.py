@@ -117,8 +117,9 @@ def test_sigkill_mid_encode_keeps_current_and_resume_matches_a_full_build(
         "--images", str(built.gallery.folder), "--captions", str(captions_path),
         "--workers", "0", "--batch-size", "4", "--shard-size", "8",
     ]  # fmt: skip
+    paused = [sys.executable, "-m", "tests.indexer.paused_build", "--after-shards", "2", "--"]
     _kill_when(
-        [sys.executable, "-m", "indexer", "-q", *args, "--pause-after-shards", "2"],
+        [*paused, "-q", *args],
         lambda: len(list(root.glob(".tmp-*/shards/images/*.json"))) >= 2,
         "its first two shards",
     )

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from indexer.faiss_index import (
+    RECALL_PLATEAU,
     IndexPolicy,
     SearchSettings,
     apply_search_settings,
@@ -84,6 +85,19 @@ def test_approximate_indexes_are_tuned_to_the_recall_target(kind: str) -> None:
     assert recall_at_k(found, exact_neighbours(fresh, xb, 10)) >= 0.9
     description = built.describe()
     assert description["type"] == kind and description["recall_at_10"] >= 0.95
+    assert description["layout"] == "in_memory" and "files" not in description
+
+
+def test_an_unreachable_target_settles_on_the_recall_plateau() -> None:
+    """IVF-PQ codes cap recall: rather than scanning every list for the last bit of it, the
+    smallest nprobe within RECALL_PLATEAU of the best recall of the sweep is kept."""
+    xb = clustered(4000, 32)
+    built = build_index(xb, "ivfpq", IndexPolicy(tuning_queries=200, target_recall=1.0))
+    recalls = [step["recall_at_10"] for step in built.tuning]
+    assert max(recalls) < 1.0 and len(built.tuning) > 1
+    chosen = next(s for s in built.tuning if s["recall_at_10"] >= max(recalls) - RECALL_PLATEAU)
+    assert built.params["nprobe"] == chosen["nprobe"] == built.index.nprobe
+    assert built.recall_at_10 == chosen["recall_at_10"]
 
 
 def test_search_settings_are_restored_on_a_loaded_index() -> None:

@@ -74,3 +74,24 @@ def test_progress_draws_a_bar_on_a_terminal() -> None:
     progress.update(10)
     progress.close()
     assert "captions" in stream.getvalue() and "10/10" in stream.getvalue()
+
+
+def test_vector_blocks_are_the_valid_rows_of_each_shard_memory_mapped(tmp_path: Path) -> None:
+
+    store = ShardStore(tmp_path / "shards", ["a", "b", "c", "d", "e"], shard_size=2, dim=3)
+    rng = np.random.default_rng(0)
+    written = []
+    for shard in store.shards:
+        positions = [p for p in range(shard.start, shard.stop) if p != 1]  # "b" was unusable
+        vectors = rng.random((len(positions), 3), dtype=np.float32)
+        skipped = (
+            [SkippedItem("images", "b", "b.png", "corrupt_image", "")] if shard.index == 0 else []
+        )
+        store.write(shard, positions, vectors, skipped)
+        written.append(vectors)
+    blocks = store.vector_blocks()
+    assert [b.shape for b in blocks] == [(1, 3), (2, 3), (1, 3)]
+    assert all(isinstance(b, np.memmap) for b in blocks)
+    np.testing.assert_array_equal(np.concatenate(blocks), store.assemble().vectors)
+    positions, skipped = store.layout()
+    assert positions.tolist() == [0, 2, 3, 4] and [s.id for s in skipped] == ["b"]

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -18,18 +20,22 @@ from indexer.publish import (
     new_version_name,
     publish_vectors,
     write_current,
+    write_manifest,
 )
 from indexer.store import (
     CorruptVersionError,
     IndexVersion,
     ModalityMissingError,
+    RowSelection,
     StoreError,
     VersionNotFoundError,
     list_versions,
     read_current,
+    read_manifest,
     verify_version,
     version_dir,
 )
+from indexer.vector_index import BACKENDS, VectorIndex
 
 DIM = 16
 
@@ -180,3 +186,63 @@ def test_one_build_at_a_time(tmp_path: Path) -> None:
         BuildLock(tmp_path).__enter__()
     with BuildLock(tmp_path):  # released: it can be taken again
         pass
+
+
+class NumpyIndex:
+    """A second :class:`VectorIndex` backend: exact search over the vectors in a .npy file."""
+
+    kind = "numpy"
+
+    def __init__(self, xb: np.ndarray) -> None:
+        self.xb = xb
+
+    @property
+    def count(self) -> int:
+        return len(self.xb)
+
+    @property
+    def dim(self) -> int:
+        return int(self.xb.shape[1])
+
+    def search(
+        self, xq: np.ndarray, k: int, selection: RowSelection | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        rows = np.arange(self.count) if selection is None else selection.rows
+        scores = xq @ self.xb[rows].T
+        order = np.argsort(-scores, axis=1)[:, :k]
+        return np.take_along_axis(scores, order, axis=1), rows[order]
+
+    def reconstruct(self, rows: Sequence[int]) -> np.ndarray:
+        return self.xb[list(rows)]
+
+    def verify(self) -> list[str]:
+        return []
+
+
+def test_a_version_reads_its_vectors_through_the_backend_its_manifest_names(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The VectorIndex seam: another backend serves search, filter and reconstruct."""
+    version, xb = publish_images(tmp_path)
+    directory = version_dir(tmp_path, version)
+    np.save(directory / "images.npy", xb)
+    manifest = read_manifest(directory)
+    manifest["indexes"]["images"]["backend"] = "numpy"
+    write_manifest(directory, {k: v for k, v in manifest.items() if k != "files"})
+    with pytest.raises(
+        CorruptVersionError, match="backend 'numpy'; this store reads \\['faiss'\\]"
+    ):
+        IndexVersion.open(tmp_path)
+
+    def open_numpy(path: Path, info: Any, name: str, policy: Any) -> VectorIndex:
+        return NumpyIndex(np.load(path.with_suffix(".npy")))
+
+    monkeypatch.setitem(BACKENDS, "numpy", open_numpy)
+    xq = unit_rows(3, seed=5)
+    with IndexVersion.open(tmp_path, verify=True) as opened:
+        _, rows = opened.search_images(xq, 5)
+        np.testing.assert_array_equal(rows, np.argsort(-(xq @ xb.T), axis=1)[:, :5])
+        selection = opened.select("images", {})
+        _, selected = opened.search_images(xq, 5, selection=selection)
+        np.testing.assert_array_equal(selected, rows)
+        np.testing.assert_array_equal(opened.reconstruct("images", [2, 7]), xb[[2, 7]])
