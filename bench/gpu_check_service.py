@@ -60,7 +60,7 @@ def publish_random_index(model_dir: Path, vectors: int, root: Path, index: str) 
     ]
     publish_vectors(root, fingerprint=fingerprint, image_rows=rows, image_vectors=xb, index=index)
     with IndexVersion.open(root) as version:
-        return dict(version.manifest["indexes"]["images"])
+        return version.index_settings("images")
 
 
 @dataclass(frozen=True)

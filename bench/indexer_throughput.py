@@ -37,7 +37,6 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -184,23 +183,24 @@ def measure(
         progress_interval_s=30.0,
     )  # fmt: skip
     result = run_build(config)
-    build = result.manifest["build"]
-    image_stage: dict[str, Any] = build["images"]
+    counts, build = result.manifest.counts, result.manifest.build
+    assert build is not None and build.images is not None, "a build records its image stage"
+    image_stage = build.images
     busy = image_stage["decode_seconds"] + image_stage["encode_seconds"]
     return Row(
         model=label,
-        device=build["device"],
+        device=str(build.device),
         workers=workers,
-        batch_size=batch_size or (256 if build["device"] == "cuda" else 32),
-        images=result.manifest["counts"]["images"],
-        captions=result.manifest["counts"]["captions"],
-        images_per_s=build["images_per_s"],
-        captions_per_s=build["captions_per_s"],
+        batch_size=batch_size or (256 if build.device == "cuda" else 32),
+        images=counts.images,
+        captions=counts.captions,
+        images_per_s=build.images_per_s or 0.0,
+        captions_per_s=build.captions_per_s or 0.0,
         decode_share=image_stage["decode_seconds"] / busy if busy else 0.0,
         wait_share=image_stage["wait_seconds"] / image_stage["seconds"]
         if image_stage["seconds"]
         else 0.0,
-        build_s=build["seconds"],
+        build_s=build.seconds or 0.0,
     )
 
 

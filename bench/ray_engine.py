@@ -74,19 +74,22 @@ def _gallery_subset(source: Path, count: int, folder: Path) -> Path:
 def _measure(config: BuildConfig) -> Row:
     started = time.perf_counter()
     result = run_build(config)
-    build = result.manifest["build"]
-    images = build["images"]
+    counts, build = result.manifest.counts, result.manifest.build
+    assert build is not None and build.images is not None, "a build records its image stage"
+    images = build.images
     return Row(
         engine=config.engine,
-        images=result.manifest["counts"]["images"],
-        skipped=result.manifest["counts"]["skipped"],
+        images=counts.images,
+        skipped=counts.skipped or 0,
         images_per_s=images["items_per_s"],
         after_first_batch_images_per_s=round(
             images["encoded"] / max(images["seconds"] - images["first_batch_seconds"], 1e-3), 1
         ),
         encode_s=images["seconds"],
         first_batch_s=images["first_batch_seconds"],
-        cluster_start_s=build["engine"].get("cluster_start_seconds", 0.0),
+        cluster_start_s=build.engine.details.get("cluster_start_seconds", 0.0)
+        if build.engine is not None
+        else 0.0,
         build_s=round(time.perf_counter() - started, 3),
     )
 

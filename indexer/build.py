@@ -37,6 +37,16 @@ import torch
 from indexer.engines import ENGINES, CaptionJob, Engine, ImageJob, RayOptions, make_engine
 from indexer.errors import BuildError, UsageError
 from indexer.faiss_index import INDEX_OPTIONS, IndexPolicy
+from indexer.manifest import (
+    BuildInfo,
+    Counts,
+    EngineInfo,
+    IndexEntry,
+    Inputs,
+    Manifest,
+    RuntimeCheckFigures,
+    SourceInfo,
+)
 from indexer.pipeline import EncodeStats, PipelineEncoder, ShardCallback
 from indexer.publish import (
     TEMP_PREFIX,
@@ -129,20 +139,20 @@ class BuildResult:
 
     version: str
     directory: Path
-    manifest: dict[str, Any]
+    manifest: Manifest
 
     def summary(self) -> str:
         """The one-line summary the CLI prints."""
-        counts = self.manifest["counts"]
-        build = self.manifest["build"]
+        counts, build = self.manifest.counts, self.manifest.build
+        assert build is not None, "a build's manifest has a build section"
         reasons = ", ".join(
-            f"{r}: {n}" for r, n in sorted(self.manifest["skipped_by_reason"].items())
+            f"{r}: {n}" for r, n in sorted((self.manifest.skipped_by_reason or {}).items())
         )
         return (
-            f"published {self.version}: {counts['images']} images, {counts['captions']} captions, "
-            f"{counts['skipped']} skipped{f' ({reasons})' if reasons else ''} in "
-            f"{build['seconds']:.1f} s ({build['images_per_s']:.1f} images/s, "
-            f"{build['captions_per_s']:.1f} captions/s) -> {self.directory}"
+            f"published {self.version}: {counts.images} images, {counts.captions} captions, "
+            f"{counts.skipped} skipped{f' ({reasons})' if reasons else ''} in "
+            f"{build.seconds or 0.0:.1f} s ({build.images_per_s or 0.0:.1f} images/s, "
+            f"{build.captions_per_s or 0.0:.1f} captions/s) -> {self.directory}"
         )
 
 
@@ -234,12 +244,31 @@ def _build_locked(
     if staged.exists():
         shutil.rmtree(staged)
     staged.mkdir()
-    manifest = _write_version(
-        staged, version, config, encoder, gallery, corpus, images, captions, device
+    contents = _write_version(staged, config, gallery, corpus, images, captions, device)
+    manifest = _version_manifest(
+        version,
+        config,
+        encoder,
+        gallery,
+        corpus,
+        images,
+        captions,
+        contents,
+        BuildInfo(
+            config=config.to_dict(),
+            device=device,
+            runtime=encoder.runtime,
+            dtype=str(encoder.dtype).removeprefix("torch."),
+            images=images.stats.to_dict() if images else None,
+            captions=captions.stats.to_dict() if captions else None,
+            engine=EngineInfo.from_dict(engine_record),
+            seconds=round(time.perf_counter() - started, 3),
+            resumed_items=sum(m.stats.resumed for m in (images, captions) if m is not None),
+            images_per_s=_rate(images),
+            captions_per_s=_rate(captions),
+        ),
     )
-    manifest["build"]["engine"] = engine_record
-    manifest["build"]["seconds"] = round(time.perf_counter() - started, 3)
-    manifest = write_manifest(staged, _with_rates(manifest, images, captions))
+    manifest = write_manifest(staged, manifest)
     directory = publish_version(root, staged, version)
     shutil.rmtree(build_dir, ignore_errors=True)
     return BuildResult(version, directory, manifest)
@@ -411,24 +440,30 @@ def _finalize_images(job: ImageJob, gallery: Gallery, stats: EncodeStats) -> _Mo
     return _Modality(job.store.vector_blocks(), positions, skipped, stats)
 
 
+@dataclass(frozen=True)
+class _VersionContents:
+    """What :func:`_write_version` wrote: the index entries and the rows."""
+
+    indexes: dict[str, IndexEntry]
+    image_rows: list[ImageRow]
+    caption_rows: list[CaptionRow]
+
+
 def _write_version(
     staged: Path,
-    version: str,
     config: BuildConfig,
-    encoder: PipelineEncoder,
     gallery: Gallery | None,
     corpus: CaptionCorpus | None,
     images: _Modality | None,
     captions: _Modality | None,
     device: str,
-) -> dict[str, Any]:
-    """Write the faiss indexes and the metadata into ``staged``; return the manifest so far."""
+) -> _VersionContents:
+    """Write the faiss indexes and the metadata into ``staged``."""
     image_rows: list[ImageRow] = []
     caption_rows: list[CaptionRow] = []
     indexed_ids: list[str] = []
     if gallery is not None and images is not None:
         indexed_ids = [gallery.images[p].id for p in images.positions]
-    links: list[str | None] = []
     if corpus is not None and captions is not None:
         chosen = [corpus.captions[p] for p in captions.positions]
         links = link_captions(chosen, indexed_ids)
@@ -455,81 +490,78 @@ def _write_version(
         policy=config.policy,
         device=device,
     )
-    skipped = [*(images.skipped if images else []), *(captions.skipped if captions else [])]
+    return _VersionContents(indexes, image_rows, caption_rows)
+
+
+def _version_manifest(
+    version: str,
+    config: BuildConfig,
+    encoder: PipelineEncoder,
+    gallery: Gallery | None,
+    corpus: CaptionCorpus | None,
+    images: _Modality | None,
+    captions: _Modality | None,
+    contents: _VersionContents,
+    build: BuildInfo,
+) -> Manifest:
+    """The manifest of a built version (``files`` is added when it is written)."""
+    skipped = (*(images.skipped if images else []), *(captions.skipped if captions else []))
     check = encoder.check
-    manifest = base_manifest(
+    base = base_manifest(
         version,
         encoder.fingerprint,
         int(encoder.embedding_dim),
-        indexes,
-        image_rows,
-        caption_rows,
+        contents.indexes,
+        contents.image_rows,
+        contents.caption_rows,
         runtime=encoder.runtime,
         runtime_check=None
         if check is None
-        else {
-            "min_cosine": check.min_cosine,
-            "mean_cosine": check.mean_cosine,
-            "recall_drop": check.recall_drop,
-        },
+        else RuntimeCheckFigures(check.min_cosine, check.mean_cosine, check.recall_drop),
     )
-    manifest["model"]["path"] = str(Path(config.model_dir).resolve())
-    return {
-        **manifest,
-        "counts": {
-            **manifest["counts"],
-            "skipped": len(skipped),
-            "captions_linked_to_images": sum(link is not None for link in links),
-            "ignored_files": gallery.ignored_files if gallery else 0,
-        },
-        "inputs": {
-            "images": _describe_source(gallery.source, gallery.format, len(gallery.images))
+    return dataclasses.replace(
+        base,
+        model=dataclasses.replace(base.model, path=str(Path(config.model_dir).resolve())),
+        counts=Counts(
+            images=len(contents.image_rows),
+            captions=len(contents.caption_rows),
+            skipped=len(skipped),
+            captions_linked_to_images=sum(r.image_id is not None for r in contents.caption_rows),
+            ignored_files=gallery.ignored_files if gallery else 0,
+        ),
+        inputs=Inputs(
+            images=_describe_source(gallery.source, gallery.format, len(gallery.images))
             if gallery
             else None,
-            "captions": _describe_source(corpus.source, corpus.format, len(corpus.captions))
+            captions=_describe_source(corpus.source, corpus.format, len(corpus.captions))
             if corpus
             else None,
-        },
-        "skipped": [item.to_dict() for item in skipped],
-        "skipped_by_reason": dict(Counter(item.reason for item in skipped)),
-        "build": {
-            "config": config.to_dict(),
-            "device": device,
-            "runtime": encoder.runtime,
-            "dtype": str(encoder.dtype).removeprefix("torch."),
-            "images": images.stats.to_dict() if images else None,
-            "captions": captions.stats.to_dict() if captions else None,
-        },
-    }
+        ),
+        skipped=skipped,
+        skipped_by_reason=dict(Counter(item.reason for item in skipped)),
+        build=build,
+    )
 
 
-def _with_rates(
-    manifest: dict[str, Any], images: _Modality | None, captions: _Modality | None
-) -> dict[str, Any]:
-    build = manifest["build"]
-    build["resumed_items"] = sum(m.stats.resumed for m in (images, captions) if m is not None)
-    for name, modality in (("images", images), ("captions", captions)):
-        stats = modality.stats if modality is not None else None
-        build[f"{name}_per_s"] = (
-            round(stats.encoded / stats.seconds, 2) if stats and stats.seconds else 0.0
-        )
-    return manifest
+def _rate(modality: _Modality | None) -> float:
+    """Items encoded per second of one modality in this run (0.0 when none)."""
+    stats = modality.stats if modality is not None else None
+    return round(stats.encoded / stats.seconds, 2) if stats and stats.seconds else 0.0
 
 
-def _describe_source(source: Path, kind: str, candidates: int) -> dict[str, Any]:
-    return {"path": str(Path(source).resolve()), "format": kind, "candidates": candidates}
+def _describe_source(source: Path, kind: str, candidates: int) -> SourceInfo:
+    return SourceInfo(path=str(Path(source).resolve()), format=kind, candidates=candidates)
 
 
 def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
-def skipped_lines(manifest: dict[str, Any], limit: int = 20) -> Sequence[str]:
+def skipped_lines(manifest: Manifest, limit: int = 20) -> Sequence[str]:
     """Human lines for the skipped inputs of a manifest, at most ``limit`` plus a remainder line."""
-    items = manifest.get("skipped", [])
+    items = manifest.skipped or ()
     lines = [
-        f"  skipped {item['path'] or item['id']}: {item['reason']} ({item['detail']})"
-        for item in items[:limit]
+        f"  skipped {item.path or item.id}: {item.reason} ({item.detail})" for item in items[:limit]
     ]
     if len(items) > limit:
         lines.append(f"  … and {len(items) - limit} more (see manifest.json)")

@@ -18,12 +18,12 @@ from typing import Any
 from indexer.engines import ENGINES, RAY_EXTRA_HINT, RayOptions
 from indexer.errors import BuildError, UsageError
 from indexer.faiss_index import INDEX_OPTIONS, IndexPolicy
+from indexer.manifest import BuildInfo, Manifest
 from indexer.store import (
     MetadataField,
     StoreError,
     VersionNotFoundError,
     list_versions,
-    manifest_runtime,
     read_current,
     read_manifest,
     read_metadata_fields,
@@ -358,71 +358,67 @@ def _human_bytes(size: float) -> str:
 
 
 def format_manifest(
-    manifest: dict[str, Any],
+    manifest: Manifest,
     current: str | None,
     fields: Mapping[str, MetadataField] | None = None,
 ) -> str:
     """The readable form of a manifest (and the version's metadata ``fields``) that ``info``
     prints."""
-    marker = " (CURRENT)" if manifest["version"] == current else ""
-    model = manifest["model"]
-    build = manifest.get("build", {})
+    marker = " (CURRENT)" if manifest.version == current else ""
+    model, counts = manifest.model, manifest.counts
+    build = manifest.build or BuildInfo()
     lines = [
-        f"version      {manifest['version']}{marker}",
-        f"created_at   {manifest.get('created_at')}",
-        f"model        {model.get('path')} (fingerprint {model['fingerprint'][:16]}…, dim {manifest['dim']})",
+        f"version      {manifest.version}{marker}",
+        f"created_at   {manifest.created_at}",
+        f"model        {model.path} (fingerprint {model.fingerprint[:16]}…, dim {manifest.dim})",
         f"runtime      {_describe_runtime(manifest)}",
-        f"metric       {manifest.get('metric')} over L2-normalised vectors",
+        f"metric       {manifest.metric} over L2-normalised vectors",
     ]
     for name in ("images", "captions"):
-        count = manifest["counts"][name]
-        index = manifest["indexes"].get(name)
-        source = (manifest.get("inputs") or {}).get(name)
+        index = manifest.indexes.get(name)
+        source = manifest.inputs.of(name) if manifest.inputs is not None else None
         if index is None:
             lines.append(f"{name:<12} none")
             continue
-        params = ", ".join(f"{k}={v}" for k, v in index.get("params", {}).items())
+        params = ", ".join(f"{k}={v}" for k, v in index.params.items())
         lines.append(
-            f"{name:<12} {count} in a {index['type']} index{f' ({params})' if params else ''}, "
-            f"recall@10 {index.get('recall_at_10')} on {index.get('recall_queries')} queries"
-            + (f"; from {source['path']} ({source['format']})" if source else "")
+            f"{name:<12} {counts.of(name)} in a {index.kind} index"
+            f"{f' ({params})' if params else ''}, "
+            f"recall@10 {index.recall_at_10} on {index.recall_queries} queries"
+            + (f"; from {source.path} ({source.format})" if source else "")
         )
     described = ", ".join(f"{name} ({field.type})" for name, field in (fields or {}).items())
     lines.append(f"metadata     {described or 'no fields'}")
-    linked = manifest["counts"].get("captions_linked_to_images", 0)
-    lines.append(f"linked       {linked} captions link to a gallery image")
-    reasons = ", ".join(
-        f"{r} {n}" for r, n in sorted(manifest.get("skipped_by_reason", {}).items())
-    )
     lines.append(
-        f"skipped      {manifest['counts'].get('skipped', 0)}{f' ({reasons})' if reasons else ''}"
+        f"linked       {counts.captions_linked_to_images or 0} captions link to a gallery image"
     )
+    reasons = ", ".join(f"{r} {n}" for r, n in sorted((manifest.skipped_by_reason or {}).items()))
+    lines.append(f"skipped      {counts.skipped or 0}{f' ({reasons})' if reasons else ''}")
     lines.append(
-        f"build        {build.get('seconds')} s on {build.get('device')} ({build.get('dtype')}), "
-        f"{(build.get('engine') or {}).get('name', 'local')} engine; "
-        f"{build.get('images_per_s')} images/s, {build.get('captions_per_s')} captions/s; "
-        f"{build.get('resumed_items', 0)} items resumed"
+        f"build        {build.seconds} s on {build.device} ({build.dtype}), "
+        f"{build.engine.name if build.engine else 'local'} engine; "
+        f"{build.images_per_s} images/s, {build.captions_per_s} captions/s; "
+        f"{build.resumed_items or 0} items resumed"
     )
-    libraries = ", ".join(f"{k} {v}" for k, v in manifest.get("library_versions", {}).items())
+    libraries = ", ".join(f"{k} {v}" for k, v in (manifest.library_versions or {}).items())
     lines.append(f"libraries    {libraries}")
-    for name, info in manifest["files"].items():
+    for name, entry in manifest.files.items():
         lines.append(
-            f"file         {name:<16} {_human_bytes(info['bytes']):>9}  sha256 {info['sha256'][:16]}…"
+            f"file         {name:<16} {_human_bytes(entry.bytes):>9}  sha256 {entry.sha256[:16]}…"
         )
     return "\n".join(lines)
 
 
-def _describe_runtime(manifest: Mapping[str, Any]) -> str:
+def _describe_runtime(manifest: Manifest) -> str:
     """``onnx-int8 (checked against torch fp32: min cosine 0.99871, ...)``, or ``torch``."""
-    model = manifest["model"]
-    runtime = manifest_runtime(manifest)
-    check = model.get("runtime_check")
-    if not check:
-        return runtime if "runtime" in model else f"{runtime} (not recorded: an older build)"
-    recall = check.get("recall_drop")
+    runtime, check = manifest.runtime, manifest.model.runtime_check
+    if check is None:
+        recorded = manifest.model.runtime is not None
+        return runtime if recorded else f"{runtime} (not recorded: an older build)"
+    recall = check.recall_drop
     return (
-        f"{runtime} (checked against torch fp32: min cosine {check['min_cosine']:.5f}, "
-        f"mean {check['mean_cosine']:.5f}"
+        f"{runtime} (checked against torch fp32: min cosine {check.min_cosine:.5f}, "
+        f"mean {check.mean_cosine:.5f}"
         + (f", recall drop {recall:.2f} points)" if recall is not None else ")")
     )
 
@@ -440,7 +436,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
         raise UsageError(f"version {version} does not exist under {args.root}")
     manifest = read_manifest(directory)
     if args.json:
-        print(json.dumps(manifest, indent=2))
+        print(json.dumps(manifest.to_dict(), indent=2))
     else:
         print(format_manifest(manifest, current, read_metadata_fields(directory)))
     return EXIT_OK
@@ -476,8 +472,10 @@ def _cmd_versions(args: argparse.Namespace) -> int:
     for name in names:
         try:
             manifest = read_manifest(version_dir(args.root, name))
-            counts = manifest["counts"]
-            detail = f"{counts['images']:>9} images {counts['captions']:>9} captions  {manifest.get('created_at')}"
+            counts = manifest.counts
+            detail = (
+                f"{counts.images:>9} images {counts.captions:>9} captions  {manifest.created_at}"
+            )
         except StoreError as exc:
             detail = f"unreadable: {exc}"
         print(f"{'*' if name == current else ' '} {name}  {detail}")

@@ -35,6 +35,8 @@ from typing import Any, Protocol
 import faiss
 import numpy as np
 
+from indexer.manifest import IndexEntry
+
 logger = logging.getLogger(__name__)
 
 INDEX_KINDS = ("flat", "hnsw", "ivf", "ivfpq")
@@ -122,21 +124,21 @@ class BuiltIndex:
     layout: str = "in_memory"
     files: tuple[str, ...] = ()
 
-    def describe(self) -> dict[str, Any]:
+    def describe(self) -> IndexEntry:
         """The manifest entry for this index."""
-        return {
-            "type": self.kind,
-            "metric": "inner_product",
-            "ntotal": int(self.index.ntotal),
-            "layout": self.layout,
-            **({"files": list(self.files)} if self.files else {}),
-            "params": self.params,
-            "recall_at_10": round(self.recall_at_10, 4),
-            "recall_queries": self.recall_queries,
-            "recall_query_source": self.query_source,
-            "tuning": self.tuning,
-            "build_seconds": round(self.build_seconds, 3),
-        }
+        return IndexEntry(
+            kind=self.kind,
+            metric="inner_product",
+            ntotal=int(self.index.ntotal),
+            layout=self.layout,
+            files=self.files,
+            params=self.params,
+            recall_at_10=round(self.recall_at_10, 4),
+            recall_queries=self.recall_queries,
+            recall_query_source=self.query_source,
+            tuning=tuple(self.tuning),
+            build_seconds=round(self.build_seconds, 3),
+        )
 
 
 def choose_kind(n: int, d: int, option: str, policy: IndexPolicy) -> str:

@@ -14,6 +14,7 @@ Only one build writes an index root at a time (:class:`BuildLock`).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import fcntl
 import hashlib
@@ -36,6 +37,7 @@ import numpy as np
 
 from indexer.errors import UsageError
 from indexer.faiss_index import IndexPolicy, build_index, choose_kind
+from indexer.manifest import Counts, FileEntry, IndexEntry, Manifest, ModelInfo, RuntimeCheckFigures
 from indexer.metadata import METADATA_FIELDS_SCHEMA, infer_field_types, write_field_values
 from indexer.ondisk import VectorBlocks, build_ondisk_ivfpq, uses_ondisk
 from indexer.store import (
@@ -140,7 +142,7 @@ def stage_version(
     index: str = "auto",
     policy: IndexPolicy | None = None,
     device: str = "cpu",
-) -> dict[str, Any]:
+) -> dict[str, IndexEntry]:
     """Build, tune and write the faiss index of each modality given, and ``metadata.sqlite``,
     into ``staged``. ``*_vectors`` are float32 ``(len(rows), D)`` unit rows in row order: one
     array or a sequence of blocks (:data:`Vectors`).
@@ -152,7 +154,7 @@ def stage_version(
     ``indexes`` section.
     """
     policy = policy or IndexPolicy()
-    indexes: dict[str, Any] = {}
+    indexes: dict[str, IndexEntry] = {}
     blocks = {
         name: VectorBlocks(vectors, f"{name} vectors") if vectors is not None else None
         for name, vectors in (("images", image_vectors), ("captions", caption_vectors))
@@ -182,35 +184,30 @@ def base_manifest(
     version: str,
     fingerprint: str,
     dim: int,
-    indexes: dict[str, Any],
+    indexes: Mapping[str, IndexEntry],
     image_rows: Sequence[ImageRow],
     caption_rows: Sequence[CaptionRow],
     *,
     runtime: str = DEFAULT_RUNTIME,
-    runtime_check: Mapping[str, Any] | None = None,
-) -> dict[str, Any]:
+    runtime_check: RuntimeCheckFigures | None = None,
+) -> Manifest:
     """The manifest fields every version has (``files`` is added by :func:`write_manifest`).
 
     ``runtime`` is the encoder runtime the vectors came from and ``runtime_check`` the figures
     of its export-time check against torch fp32 (None for torch itself).
     """
-    return {
-        "format_version": FORMAT_VERSION,
-        "version": version,
-        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "model": {
-            "fingerprint": fingerprint,
-            "embedding_dim": dim,
-            "runtime": runtime,
-            "runtime_check": dict(runtime_check) if runtime_check is not None else None,
-        },
-        "dim": dim,
-        "metric": "inner_product",
-        "normalized": True,
-        "counts": {"images": len(image_rows), "captions": len(caption_rows)},
-        "indexes": indexes,
-        "library_versions": library_versions(),
-    }
+    return Manifest(
+        format_version=FORMAT_VERSION,
+        version=version,
+        created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        model=ModelInfo(fingerprint, dim, runtime, runtime_check),
+        dim=dim,
+        metric="inner_product",
+        normalized=True,
+        counts=Counts(images=len(image_rows), captions=len(caption_rows)),
+        indexes=dict(indexes),
+        library_versions=library_versions(),
+    )
 
 
 def library_versions() -> dict[str, str]:
@@ -234,11 +231,12 @@ def publish_vectors(
     caption_vectors: Vectors | None = None,
     index: str = "auto",
     policy: IndexPolicy | None = None,
-    extra: dict[str, Any] | None = None,
+    extra: Mapping[str, Any] | None = None,
     runtime: str = DEFAULT_RUNTIME,
 ) -> str:
     """Publish a version from vectors already computed (tests, benchmarks, imports), recorded
-    as made by the encoder ``runtime``.
+    as made by the encoder ``runtime``. ``extra`` replaces or adds top-level manifest keys, as
+    JSON (e.g. an older layout, for tests).
 
     The same staging, checksums and atomic switch as a build; returns the version name.
     """
@@ -263,23 +261,25 @@ def publish_vectors(
         manifest = base_manifest(
             version, fingerprint, dims.pop(), indexes, image_rows, caption_rows, runtime=runtime
         )
-        write_manifest(staged, {**manifest, **(extra or {})})
+        if extra:
+            manifest = Manifest.from_dict({**manifest.to_dict(), **extra})
+        write_manifest(staged, manifest)
         publish_version(root, staged, version)
         shutil.rmtree(build_dir, ignore_errors=True)
     return version
 
 
-def write_manifest(directory: Path, manifest: dict[str, Any]) -> dict[str, Any]:
-    """Record the sha256 and size of every file in ``directory`` into ``manifest["files"]``,
+def write_manifest(directory: Path, manifest: Manifest) -> Manifest:
+    """Record the sha256 and size of every file in ``directory`` into ``manifest.files``,
     then write ``manifest.json`` and its checksum file, fsynced. Returns the manifest written."""
     files = {}
     for path in sorted(directory.iterdir()):
         if path.name in (MANIFEST_FILE, MANIFEST_CHECKSUM_FILE):
             continue
         fsync_file(path)
-        files[path.name] = {"sha256": file_sha256(path), "bytes": path.stat().st_size}
-    manifest = {**manifest, "files": files}
-    raw = (json.dumps(manifest, indent=2, sort_keys=False) + "\n").encode("utf-8")
+        files[path.name] = FileEntry(sha256=file_sha256(path), bytes=path.stat().st_size)
+    manifest = dataclasses.replace(manifest, files=files)
+    raw = (json.dumps(manifest.to_dict(), indent=2, sort_keys=False) + "\n").encode("utf-8")
     (directory / MANIFEST_FILE).write_bytes(raw)
     (directory / MANIFEST_CHECKSUM_FILE).write_text(
         f"{hashlib.sha256(raw).hexdigest()}  {MANIFEST_FILE}\n", encoding="ascii"

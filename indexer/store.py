@@ -12,6 +12,7 @@ Layout of an index root::
         metadata.sqlite            row <-> id, image path, image captions, caption -> image link,
                                    image metadata fields (typed, indexed; see indexer/metadata.py)
         manifest.json              everything about the build, with the sha256 of every file
+                                   (layout and record: indexer/manifest.py)
         manifest.json.sha256       ``sha256sum -c`` line for the manifest itself
       .tmp-<version>/              a build in progress (removed by the next build)
       .build.lock                  held (flock) by the one running build
@@ -45,6 +46,9 @@ from typing import Any, Literal
 import numpy as np
 
 from indexer.errors import StoreError as StoreError
+from indexer.manifest import DEFAULT_RUNTIME as DEFAULT_RUNTIME
+from indexer.manifest import FORMAT_VERSION as FORMAT_VERSION
+from indexer.manifest import IndexEntry, Manifest, ManifestError
 from indexer.metadata import FilterError as FilterError
 from indexer.metadata import MetadataField as MetadataField
 from indexer.metadata import filter_sql, read_fields
@@ -55,20 +59,18 @@ from model.files import file_sha256
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
 VERSIONS_DIR = "versions"
 CURRENT_FILE = "CURRENT"
 MANIFEST_FILE = "manifest.json"
 MANIFEST_CHECKSUM_FILE = "manifest.json.sha256"
 METADATA_FILE = "metadata.sqlite"
-# The encoder runtime of a manifest that records none: every version built before runtimes.
-DEFAULT_RUNTIME = "torch"
 INDEX_FILES: dict[str, str] = {"images": "images.faiss", "captions": "captions.faiss"}
 VERSION_PATTERN = re.compile(r"^\d{8}T\d{6}Z-[0-9a-f]{6}$")
 
 Modality = Literal["images", "captions"]
-# StoreError, FilterError, MetadataField and RowSelection (imported above) are part of this
-# module's API: the service imports them from here.
+# StoreError, FilterError, MetadataField, RowSelection, FORMAT_VERSION and DEFAULT_RUNTIME
+# (imported above) are part of this module's API: the service and the writer import them
+# from here.
 
 # The sqlite schema, shared with the writer. Rows are faiss ids (0..n-1 in build order).
 METADATA_SCHEMA = """
@@ -173,8 +175,12 @@ def _resolve_version(root: Path, version: str | None) -> tuple[str, Path]:
     return version, directory
 
 
-def read_manifest(directory: Path) -> dict[str, Any]:
-    """Load ``manifest.json`` after checking it against ``manifest.json.sha256``."""
+def read_manifest(directory: Path) -> Manifest:
+    """Load ``manifest.json`` after checking it against ``manifest.json.sha256``.
+
+    Raises :class:`CorruptVersionError` naming the file (and the key, when one is missing or
+    of the wrong type) for an unreadable, altered or invalid manifest or another format.
+    """
     manifest_file = Path(directory) / MANIFEST_FILE
     checksum_file = Path(directory) / MANIFEST_CHECKSUM_FILE
     try:
@@ -185,24 +191,23 @@ def read_manifest(directory: Path) -> dict[str, Any]:
     if hashlib.sha256(raw).hexdigest() != recorded:
         raise CorruptVersionError(f"{manifest_file} does not match its checksum in {checksum_file}")
     try:
-        manifest = json.loads(raw)
-        _ = (manifest["version"], manifest["model"]["fingerprint"], int(manifest["dim"]))
-        _ = (int(manifest["counts"]["images"]), int(manifest["counts"]["captions"]))
-        _ = (manifest["indexes"], manifest["files"])
-    except (ValueError, KeyError, TypeError) as exc:
+        manifest = Manifest.from_dict(json.loads(raw))
+    except ManifestError as exc:
+        raise CorruptVersionError(f"{manifest_file} is not a valid manifest: {exc}") from exc
+    except ValueError as exc:  # not JSON
         raise CorruptVersionError(f"{manifest_file} is not a valid manifest: {exc!r}") from exc
-    if manifest.get("format_version") != FORMAT_VERSION:
+    if manifest.format_version != FORMAT_VERSION:
         raise CorruptVersionError(
-            f"{manifest_file} has format_version {manifest.get('format_version')!r}; "
+            f"{manifest_file} has format_version {manifest.format_version!r}; "
             f"this indexer reads {FORMAT_VERSION}"
         )
-    return dict(manifest)
+    return manifest
 
 
-def manifest_runtime(manifest: Mapping[str, Any]) -> str:
+def manifest_runtime(manifest: Manifest) -> str:
     """The encoder runtime (``torch``, ``onnx``, ``onnx-int8``) a version's vectors came from;
     :data:`DEFAULT_RUNTIME` for manifests written before the indexer recorded it."""
-    return str(manifest["model"].get("runtime") or DEFAULT_RUNTIME)
+    return manifest.runtime
 
 
 def _check_query(xq: np.ndarray, dim: int, k: int) -> None:
@@ -222,23 +227,24 @@ def _check_query(xq: np.ndarray, dim: int, k: int) -> None:
 
 def _load_index(
     directory: Path,
-    manifest: dict[str, Any],
+    manifest: Manifest,
     modality: str,
     filter_policy: FilterPolicy | None = None,
 ) -> VectorIndex | None:
-    count = int(manifest["counts"][modality])
-    info = manifest["indexes"].get(modality)
-    if count == 0 or info is None:
+    count = manifest.counts.of(modality)
+    entry: IndexEntry | None = manifest.indexes.get(modality)
+    if count == 0 or entry is None:
         return None
     path = directory / INDEX_FILES[modality]
     try:
-        index = open_vector_index(path, info, modality, filter_policy or FilterPolicy())
+        # The vector-index seam takes the entry as JSON: each backend reads its own keys.
+        index = open_vector_index(path, entry.to_dict(), modality, filter_policy or FilterPolicy())
     except VectorIndexError as exc:
         raise CorruptVersionError(str(exc)) from exc
-    if index.count != count or index.dim != int(manifest["dim"]):
+    if index.count != count or index.dim != manifest.dim:
         raise CorruptVersionError(
             f"{path} holds {index.count} vectors of dimension {index.dim}; the manifest says "
-            f"{count} of dimension {manifest['dim']}"
+            f"{count} of dimension {manifest.dim}"
         )
     return index
 
@@ -258,7 +264,7 @@ class IndexVersion:
         root: Path,
         version: str,
         directory: Path,
-        manifest: dict[str, Any],
+        manifest: Manifest,
         indexes: dict[str, VectorIndex | None],
         connection: sqlite3.Connection,
         filter_policy: FilterPolicy | None = None,
@@ -266,12 +272,12 @@ class IndexVersion:
         self.root = root
         self.version = version
         self.directory = directory
-        self.manifest = manifest
-        self.fingerprint: str = manifest["model"]["fingerprint"]
-        self.runtime: str = manifest_runtime(manifest)
-        self.dim: int = int(manifest["dim"])
-        self.image_count: int = int(manifest["counts"]["images"])
-        self.caption_count: int = int(manifest["counts"]["captions"])
+        self.manifest: Manifest = manifest
+        self.fingerprint: str = manifest.model.fingerprint
+        self.runtime: str = manifest.runtime
+        self.dim: int = manifest.dim
+        self.image_count: int = manifest.counts.images
+        self.caption_count: int = manifest.counts.captions
         self._indexes = indexes
         self._connection: sqlite3.Connection | None = connection
         self._lock = threading.Lock()
@@ -310,9 +316,9 @@ class IndexVersion:
                     f"version {version} failed verification: " + "; ".join(problems)
                 )
         manifest = read_manifest(directory)
-        if manifest["version"] != version:
+        if manifest.version != version:
             raise CorruptVersionError(
-                f"{directory / MANIFEST_FILE} describes version {manifest['version']!r}, "
+                f"{directory / MANIFEST_FILE} describes version {manifest.version!r}, "
                 f"not {version!r}"
             )
         indexes = {
@@ -322,9 +328,9 @@ class IndexVersion:
         logger.info(
             "opened index version %s (%d images, %d captions, dim %d)",
             version,
-            manifest["counts"]["images"],
-            manifest["counts"]["captions"],
-            manifest["dim"],
+            manifest.counts.images,
+            manifest.counts.captions,
+            manifest.dim,
         )
         return cls(root, version, directory, manifest, indexes, connection, filter_policy)
 
@@ -416,7 +422,7 @@ class IndexVersion:
     def index_settings(self, modality: Modality) -> dict[str, Any]:
         """The manifest's description of one index: type, parameters, measured recall@10."""
         self._index(modality)
-        return dict(self.manifest["indexes"][modality])
+        return self.manifest.indexes[modality].to_dict()
 
     # ------------------------------------------------------------------ metadata
     def _query(self, sql: str, parameters: Sequence[Any]) -> list[tuple[Any, ...]]:
@@ -574,25 +580,23 @@ def verify_version(
     except StoreError as exc:
         return [str(exc)]
     problems: list[str] = []
-    if manifest["version"] != version:
-        problems.append(f"manifest names version {manifest['version']!r}, directory is {version}")
-    if fingerprint is not None and manifest["model"]["fingerprint"] != fingerprint:
+    if manifest.version != version:
+        problems.append(f"manifest names version {manifest.version!r}, directory is {version}")
+    if fingerprint is not None and manifest.model.fingerprint != fingerprint:
         problems.append(
             f"model fingerprint mismatch: version {version} was built with "
-            f"{manifest['model']['fingerprint'][:16]}…, the model has {fingerprint[:16]}…"
+            f"{manifest.model.fingerprint[:16]}…, the model has {fingerprint[:16]}…"
         )
-    expected_files = {MANIFEST_FILE, MANIFEST_CHECKSUM_FILE, *manifest["files"]}
+    expected_files = {MANIFEST_FILE, MANIFEST_CHECKSUM_FILE, *manifest.files}
     for name in sorted(p.name for p in directory.iterdir() if p.name not in expected_files):
         problems.append(f"unexpected file {directory / name}")
-    for name, info in sorted(manifest["files"].items()):
+    for name, entry in sorted(manifest.files.items()):
         path = directory / name
         if not path.is_file():
             problems.append(f"missing file {path}")
-        elif path.stat().st_size != info.get("bytes"):
-            problems.append(
-                f"{path} has {path.stat().st_size} bytes, manifest says {info.get('bytes')}"
-            )
-        elif file_sha256(path) != info.get("sha256"):
+        elif path.stat().st_size != entry.bytes:
+            problems.append(f"{path} has {path.stat().st_size} bytes, manifest says {entry.bytes}")
+        elif file_sha256(path) != entry.sha256:
             problems.append(f"{path} does not match its sha256 in the manifest")
     if problems:
         return problems  # counts and searches would only fail less clearly on altered files
@@ -600,23 +604,23 @@ def verify_version(
     return problems
 
 
-def _check_contents(directory: Path, manifest: dict[str, Any], self_query: bool) -> list[str]:
+def _check_contents(directory: Path, manifest: Manifest, self_query: bool) -> list[str]:
     problems: list[str] = []
     try:
         connection = _connect_read_only(directory / METADATA_FILE)
         try:
             for table, modality in (("images", "images"), ("captions", "captions")):
                 (rows,) = connection.execute(f"SELECT count(*) FROM {table}").fetchone()
-                if rows != int(manifest["counts"][modality]):
+                if rows != manifest.counts.of(modality):
                     problems.append(
                         f"{METADATA_FILE} has {rows} {table} rows, the manifest says "
-                        f"{manifest['counts'][modality]}"
+                        f"{manifest.counts.of(modality)}"
                     )
         finally:
             connection.close()
         for modality in INDEX_FILES:
             index = _load_index(directory, manifest, modality)
-            if index is None and int(manifest["counts"][modality]) > 0:
+            if index is None and manifest.counts.of(modality) > 0:
                 problems.append(f"the manifest counts {modality} but describes no {modality} index")
             if index is not None and self_query:
                 problems += index.verify()

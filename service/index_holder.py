@@ -21,7 +21,6 @@ from indexer.store import (
     DEFAULT_RUNTIME,
     IndexVersion,
     StoreError,
-    manifest_runtime,
     read_current,
     read_manifest,
     verify_version,
@@ -149,7 +148,7 @@ class IndexHolder:
         try:
             manifest = read_manifest(version_dir(self.root, version))
             problems = self.check_compatible(
-                manifest["model"]["fingerprint"], int(manifest["dim"]), manifest_runtime(manifest)
+                manifest.model.fingerprint, manifest.dim, manifest.runtime
             )
         except StoreError as exc:
             problems = [str(exc)]

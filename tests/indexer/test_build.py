@@ -33,7 +33,7 @@ def tiny_model(tiny_vilt_dir: Path) -> VLDeformer:
 
 
 def test_build_skips_each_kind_of_bad_file_and_counts_are_right(built: BuiltIndex) -> None:
-    manifest = read_manifest(version_dir(built.root, built.version))
+    manifest = read_manifest(version_dir(built.root, built.version)).to_dict()
     spec = built.gallery
     assert manifest["counts"]["images"] == len(spec.good)
     assert manifest["counts"]["ignored_files"] == spec.ignored
@@ -165,7 +165,7 @@ def test_fingerprint_mismatch_is_detected_by_verify(built: BuiltIndex, tmp_path:
     assert any("fingerprint mismatch" in p for p in problems)
     assert main(["verify", str(built.root), "--model", str(other_dir)]) == 1
     assert main(["verify", str(built.root), "--model", str(built.model_dir)]) == 0
-    own = read_manifest(version_dir(built.root, built.version))["model"]["fingerprint"]
+    own = read_manifest(version_dir(built.root, built.version)).model.fingerprint
     assert main(["verify", str(built.root), "--fingerprint", own, "--no-self-query"]) == 0
 
 
@@ -209,7 +209,7 @@ def test_max_pixels_is_honoured_at_its_boundary(
                  "--images", str(folder), "--workers", str(workers), "--threads", "1",
                  "--max-pixels", "1024"])  # fmt: skip
     assert code == 0
-    manifest = read_manifest(version_dir(root, read_current(root) or ""))
+    manifest = read_manifest(version_dir(root, read_current(root) or "")).to_dict()
     assert manifest["build"]["config"]["max_pixels"] == 1024
     assert manifest["counts"]["images"] == 1
     assert [(s["id"], s["reason"]) for s in manifest["skipped"]] == [
@@ -233,7 +233,7 @@ def test_images_of_any_aspect_ratio_are_indexed_not_skipped(
     code = main(["-q", "build", "--model", str(tiny_vilt_dir), "--out", str(root),
                  "--images", str(folder), "--workers", "0", "--threads", "1"])  # fmt: skip
     assert code == 0
-    manifest = read_manifest(version_dir(root, read_current(root) or ""))
+    manifest = read_manifest(version_dir(root, read_current(root) or "")).to_dict()
     assert manifest["skipped"] == [] and manifest["counts"]["images"] == len(sizes)
     with IndexVersion.open(root) as version:
         assert all(version.image_by_id(name) is not None for name in sizes)
@@ -264,7 +264,7 @@ def test_stored_vectors_are_unit_norm(
                  "--device", device, "--dtype", dtype])  # fmt: skip
     assert code == 0
     with IndexVersion.open(root) as version:
-        assert version.manifest["normalized"] is True
+        assert version.manifest.normalized is True
         for modality, count in (
             ("images", version.image_count),
             ("captions", version.caption_count),

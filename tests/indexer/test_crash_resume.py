@@ -133,7 +133,7 @@ def test_sigkill_mid_encode_keeps_current_and_resume_matches_a_full_build(
     assert main(["-q", *args, "--resume"]) == 0
     resumed = read_current(root)
     assert resumed != published
-    manifest = read_manifest(version_dir(root, resumed))
+    manifest = read_manifest(version_dir(root, resumed)).to_dict()
     assert manifest["build"]["resumed_items"] == 16  # the two finished shards of 8 images
     assert manifest["build"]["images"]["resumed"] == 16
     assert not list(root.glob(".tmp-*"))
@@ -200,7 +200,7 @@ def test_resume_without_a_matching_build_starts_afresh(
     code = main(["-q", "build", "--model", str(built.model_dir), "--out", str(built_copy),
                  "--captions", str(captions_path), "--resume"])  # fmt: skip
     assert code == 0
-    manifest = read_manifest(version_dir(built_copy, read_current(built_copy) or ""))
+    manifest = read_manifest(version_dir(built_copy, read_current(built_copy) or "")).to_dict()
     assert manifest["build"]["resumed_items"] == 0
     assert manifest["counts"]["images"] == 0
 
@@ -212,14 +212,14 @@ def test_resume_with_another_dtype_starts_afresh(
     with pytest.raises(_Interrupted):
         run_build(float32, after_shard=_interrupt_after(2))
     resumed = run_build(dataclasses.replace(float32, dtype="bfloat16", resume=True))
-    assert resumed.manifest["build"]["dtype"] == "bfloat16"
-    assert resumed.manifest["build"]["resumed_items"] == 0  # no float32 shard mixed in
+    assert resumed.manifest.to_dict()["build"]["dtype"] == "bfloat16"
+    assert resumed.manifest.to_dict()["build"]["resumed_items"] == 0  # no float32 shard mixed in
 
     # The same interruption resumed with the same dtype does reuse its shards.
     with pytest.raises(_Interrupted):
         run_build(float32, after_shard=_interrupt_after(2))
     resumed = run_build(dataclasses.replace(float32, resume=True))
-    assert resumed.manifest["build"]["resumed_items"] == 4
+    assert resumed.manifest.to_dict()["build"]["resumed_items"] == 4
 
 
 def test_a_shard_record_without_its_full_vectors_is_encoded_again(
@@ -235,7 +235,9 @@ def test_a_shard_record_without_its_full_vectors_is_encoded_again(
     np.save(shards / "000001.npy", np.zeros((1, dim), dtype=np.float32))  # one row of two
 
     result = run_build(dataclasses.replace(config, resume=True))
-    assert result.manifest["build"]["resumed_items"] == count - 4  # all but the two broken
+    assert (
+        result.manifest.to_dict()["build"]["resumed_items"] == count - 4
+    )  # all but the two broken
     assert verify_version(built_copy) == []
     with IndexVersion.open(built.root, built.version) as full:
         expected = full.reconstruct("captions", range(full.caption_count))

@@ -83,7 +83,7 @@ def test_approximate_indexes_are_tuned_to_the_recall_target(kind: str) -> None:
     )
     _, found = built.index.search(fresh, 10)
     assert recall_at_k(found, exact_neighbours(fresh, xb, 10)) >= 0.9
-    description = built.describe()
+    description = built.describe().to_dict()
     assert description["type"] == kind and description["recall_at_10"] >= 0.95
     assert description["layout"] == "in_memory" and "files" not in description
 
@@ -103,7 +103,7 @@ def test_an_unreachable_target_settles_on_the_recall_plateau() -> None:
 def test_search_settings_are_restored_on_a_loaded_index() -> None:
     xb = clustered(2000, 16)
     built = build_index(xb, "ivf", IndexPolicy(tuning_queries=100))
-    settings = SearchSettings.from_dict(built.describe())
+    settings = SearchSettings.from_dict(built.describe().to_dict())
     import faiss
 
     copy = faiss.deserialize_index(faiss.serialize_index(built.index))
@@ -118,7 +118,7 @@ def test_ivfpq_builds_and_records_its_layout_and_recall() -> None:
     built = build_index(xb, "ivfpq", policy)
     assert built.params["m"] * built.params["nbits"] / 8 <= 16 - 8 or built.params["m"] == 1
     assert 0.0 < built.recall_at_10 <= 1.0
-    assert math.isfinite(built.describe()["recall_at_10"])
+    assert math.isfinite(built.describe().to_dict()["recall_at_10"])
 
 
 def test_tuning_uses_the_other_modality_when_given() -> None:

@@ -161,7 +161,7 @@ def strip_metadata_tables(root: Path) -> None:
     connection.execute("VACUUM")
     connection.close()
     manifest = read_manifest(directory)
-    write_manifest(directory, {k: v for k, v in manifest.items() if k != "files"})
+    write_manifest(directory, manifest)
 
 
 def test_versions_without_metadata_tables_open_and_serve(

@@ -135,7 +135,7 @@ def test_ondisk_index_survives_a_rename_of_its_directory(tmp_path: Path) -> None
     index.nprobe = int(built.params["nprobe"])
     _, found = index.search(XQ, 10)
     assert recall_at_k(found, exact_neighbours(XQ, XB, 10)) >= 0.6
-    assert built.describe()["layout"] == "ondisk"
+    assert built.describe().to_dict()["layout"] == "ondisk"
 
 
 def run_isolated(code: str) -> subprocess.CompletedProcess[str]:
@@ -231,7 +231,7 @@ def test_a_version_built_from_blocks_is_on_disk_and_listed(ondisk_root: tuple[Pa
             "images.faiss",
             "images.ivfdata",
         ]
-        assert {"images.faiss", "images.ivfdata"} <= set(opened.manifest["files"])
+        assert {"images.faiss", "images.ivfdata"} <= set(opened.manifest.files)
         assert opened.image_count == N
 
 
@@ -284,7 +284,7 @@ def test_stage_version_concatenates_blocks_for_in_memory_kinds(tmp_path: Path) -
     indexes: dict[str, Any] = stage_version(
         tmp_path, image_rows=images, image_vectors=[XB[:100], XB[100:]], index="flat"
     )
-    assert indexes["images"]["layout"] == "in_memory"
+    assert indexes["images"].layout == "in_memory"
     assert not ivfdata_path(tmp_path / "images.faiss").exists()
     index = faiss.read_index(str(tmp_path / "images.faiss"))
     np.testing.assert_array_equal(index.reconstruct_n(0, N), XB)

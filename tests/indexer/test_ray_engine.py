@@ -99,8 +99,8 @@ def test_ray_build_verifies_and_equals_the_local_build(
     assert verify_version(root) == []
     assert main(["verify", str(root), "--model", str(built.model_dir)]) == 0
 
-    local = read_manifest(version_dir(built.root, built.version))
-    distributed = read_manifest(version_dir(root, version))
+    local = read_manifest(version_dir(built.root, built.version)).to_dict()
+    distributed = read_manifest(version_dir(root, version)).to_dict()
     assert distributed["build"]["engine"]["name"] == "ray"
     assert local["build"]["engine"]["name"] == "local"
     assert _comparable(distributed) == _comparable(local)  # ids, metadata, skipped, counts
@@ -137,7 +137,7 @@ def test_sigkill_of_the_driver_keeps_current_and_resume_completes(
     resumed = read_current(root)
     assert resumed not in (None, published)
     assert verify_version(root) == []
-    manifest = read_manifest(version_dir(root, resumed or ""))
+    manifest = read_manifest(version_dir(root, resumed or "")).to_dict()
     assert manifest["build"]["images"]["resumed"] == 8  # the shard the killed driver wrote
     assert not list(root.glob(".tmp-*"))
     full_ids, full_vectors = _image_vectors(built.root, built.version)
@@ -191,8 +191,8 @@ def test_a_killed_encoder_actor_is_retried_without_loss_or_duplicates(
     engine = RayEngine(config, load_encoder=_CrashOnceLoader(marker))
     result = run_build(config, engine=engine)
     assert marker.is_file()  # an actor did die mid-shard
-    assert result.manifest["counts"]["images"] == len(built.gallery.good)
-    assert result.manifest["build"]["images"]["encoded"] == len(built.gallery.good)
+    assert result.manifest.to_dict()["counts"]["images"] == len(built.gallery.good)
+    assert result.manifest.to_dict()["build"]["images"]["encoded"] == len(built.gallery.good)
     ids, vectors = _image_vectors(config.out_root, result.version)
     assert sorted(ids) == sorted(built.gallery.good) and len(set(ids)) == len(ids)
     full_ids, full_vectors = _image_vectors(built.root, built.version)

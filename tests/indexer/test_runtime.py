@@ -44,12 +44,12 @@ def test_an_onnx_build_matches_the_torch_build_and_records_its_runtime(
     with IndexVersion.open(built.root) as torch_version, IndexVersion.open(root) as onnx_version:
         assert torch_version.runtime == "torch" and onnx_version.runtime == "onnx"
         torch_vectors, onnx_vectors = _vectors_by_id(torch_version), _vectors_by_id(onnx_version)
-        manifest = onnx_version.manifest
+        manifest = onnx_version.manifest.to_dict()
     # The same files indexed and skipped (the bad-file rules do not depend on the runtime).
     assert sorted(onnx_vectors) == sorted(torch_vectors)
     assert (
         manifest["skipped_by_reason"]
-        == read_manifest(version_dir(built.root, built.version))["skipped_by_reason"]
+        == read_manifest(version_dir(built.root, built.version)).to_dict()["skipped_by_reason"]
     )
     cosines = [float(onnx_vectors[key] @ torch_vectors[key]) for key in torch_vectors]
     assert min(cosines) >= 0.99, cosines
@@ -62,7 +62,7 @@ def test_an_onnx_build_matches_the_torch_build_and_records_its_runtime(
 def test_a_torch_build_records_torch_and_an_old_manifest_reads_as_torch(
     built: BuiltIndex, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    manifest = read_manifest(version_dir(built.root, built.version))
+    manifest = read_manifest(version_dir(built.root, built.version)).to_dict()
     assert manifest["model"]["runtime"] == "torch" and manifest["model"]["runtime_check"] is None
     # A manifest from before runtimes: "model" has no runtime keys.
     root = tmp_path / "old"
@@ -76,7 +76,7 @@ def test_a_torch_build_records_torch_and_an_old_manifest_reads_as_torch(
         extra={"model": {"fingerprint": "a" * 64, "embedding_dim": 4}},
     )
     with IndexVersion.open(root) as version:
-        assert "runtime" not in version.manifest["model"]
+        assert "runtime" not in version.manifest.to_dict()["model"]
         assert version.runtime == manifest_runtime(version.manifest) == "torch"
     assert main(["info", str(root)]) == 0
     assert "runtime      torch (not recorded: an older build)" in capsys.readouterr().out

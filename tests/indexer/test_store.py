@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -227,8 +228,10 @@ def test_a_version_reads_its_vectors_through_the_backend_its_manifest_names(
     directory = version_dir(tmp_path, version)
     np.save(directory / "images.npy", xb)
     manifest = read_manifest(directory)
-    manifest["indexes"]["images"]["backend"] = "numpy"
-    write_manifest(directory, {k: v for k, v in manifest.items() if k != "files"})
+    images = dataclasses.replace(manifest.indexes["images"], backend="numpy")
+    write_manifest(
+        directory, dataclasses.replace(manifest, indexes={**manifest.indexes, "images": images})
+    )
     with pytest.raises(
         CorruptVersionError, match="backend 'numpy'; this store reads \\['faiss'\\]"
     ):
