@@ -219,10 +219,11 @@ def _build_locked(
     given_engine: Engine | None,
 ) -> BuildResult:
     """Everything after the lock: load, plan, encode, finalize, publish."""
-    encoder = load_build_encoder(config)
-    digest = _inputs_digest(config, gallery, corpus, encoder)
     engine = given_engine if given_engine is not None else make_engine(config)
     try:
+        engine.start()  # a bad cluster address fails here, before the model loads
+        encoder = load_build_encoder(config)
+        digest = _inputs_digest(config, gallery, corpus, encoder)
         build_dir, version = _prepare_build_dir(root, digest, config)
         logger.info("building version %s in %s with the %s engine", version, build_dir, engine.name)
         plan = _plan(encoder, gallery, corpus, build_dir, config)

@@ -18,6 +18,7 @@ same vectors, and a build started by one engine can be resumed by the other.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -55,8 +56,15 @@ class RayOptions:
     def __post_init__(self) -> None:
         if self.workers < 1:
             raise UsageError(f"--ray-workers must be >= 1, got {self.workers}")
-        if self.gpus_per_worker is not None and self.gpus_per_worker < 0:
-            raise UsageError(f"--gpus-per-worker must be >= 0, got {self.gpus_per_worker}")
+        gpus = self.gpus_per_worker
+        if gpus is not None and not (math.isfinite(gpus) and gpus >= 0):
+            raise UsageError(f"--gpus-per-worker must be a finite number >= 0, got {gpus}")
+        if self.address is not None and self.address != "auto":
+            host, _, port = self.address.removeprefix("ray://").rpartition(":")
+            if not host or not port.isdigit():
+                raise UsageError(
+                    f"--ray-address must be host:port, ray://host:port or auto, got {self.address!r}"
+                )
 
 
 @dataclass(frozen=True)
@@ -93,6 +101,11 @@ class Engine(Protocol):
     def encode_captions(
         self, encoder: PipelineEncoder, job: CaptionJob, after_shard: ShardCallback | None
     ) -> EncodeStats: ...
+
+    def start(self) -> None:
+        """Acquire what the engine needs (a Ray cluster) before any work, so that a bad
+        address or too small a cluster fails before the model loads."""
+        ...
 
     def describe(self) -> dict[str, Any]:
         """What the manifest records under ``build.engine``."""
@@ -138,6 +151,9 @@ class LocalEngine:
             after_shard=after_shard,
         )
 
+    def start(self) -> None:
+        pass
+
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "workers": self.workers}
 
@@ -154,8 +170,8 @@ def make_engine(config: BuildConfig) -> Engine:
         raise UsageError(f"--engine must be one of {ENGINES}, got {config.engine!r}")
     try:
         from indexer.ray_engine import RayEngine
-    except ModuleNotFoundError as exc:
-        if (exc.name or "").split(".")[0] != "ray":
+    except ImportError as exc:  # ray itself, or one of ray[data]'s own (pyarrow, pandas...)
+        if (exc.name or "").split(".")[0] in ("indexer", "model"):
             raise
         raise UsageError(
             f"--engine ray needs Ray Data, which is not installed ({exc}); "

@@ -22,7 +22,11 @@ searching an on-disk IVF-PQ read with it segfaults (tests/indexer/test_ondisk.py
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import logging
+import os
+import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
@@ -203,13 +207,31 @@ def fill_blocks(trained: Any, xb: VectorBlocks, scratch: Path, block_rows: int) 
     return files
 
 
+@contextlib.contextmanager
+def _stdout_to_stderr() -> Iterator[None]:
+    """Send what FAISS's on-disk code ``printf``s (``resizing ...``, ``IO_FLAG_ONDISK_SAME_DIR:
+    updating ondisk filename ...``) to stderr: stdout belongs to the CLIs' own output."""
+    sys.stdout.flush()
+    libc = ctypes.CDLL(None)
+    libc.fflush(None)
+    saved = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        yield
+    finally:
+        libc.fflush(None)  # C stdio buffers what was printed: out before fd 1 is restored
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
 def merge_blocks(trained: Any, files: Sequence[Path], index_path: Path) -> None:
     """Merge the block files' inverted lists into ``index_path``'s ivfdata and write the index.
 
     ``merge_ondisk`` reads the block files with ``IO_FLAG_MMAP``; only their lists are copied,
     never searched, which works on faiss 1.15 (see the module docstring)."""
     target = ivfdata_path(index_path)
-    merge_ondisk(trained, [str(path) for path in files], str(target))
+    with _stdout_to_stderr():
+        merge_ondisk(trained, [str(path) for path in files], str(target))
     invlists: Any = faiss.extract_index_ivf(trained).invlists
     # Record only the base name: the reader finds it next to the index (IO_FLAG_ONDISK_SAME_DIR),
     # wherever the directory has moved since.
@@ -219,8 +241,22 @@ def merge_blocks(trained: Any, files: Sequence[Path], index_path: Path) -> None:
 
 
 def read_ondisk_index(index_path: Path) -> Any:
-    """Read an on-disk IVF-PQ written by :func:`build_ondisk_ivfpq` (ivfdata next to it)."""
-    return faiss.read_index(str(index_path), READ_FLAGS)
+    """Read an on-disk IVF-PQ written by :func:`build_ondisk_ivfpq` (ivfdata next to it).
+
+    Raises ``RuntimeError`` when the ivfdata is shorter than its lists: mapped, a truncated
+    file would kill the process with SIGBUS on the first access instead."""
+    with _stdout_to_stderr():
+        index = faiss.read_index(str(index_path), READ_FLAGS)
+    invlists: Any = faiss.extract_index_ivf(index).invlists
+    ondisk: Any = faiss.downcast_InvertedLists(invlists)
+    data = ivfdata_path(index_path)
+    found = data.stat().st_size if data.is_file() else None
+    if found is None or found < int(ondisk.totsize):
+        raise RuntimeError(
+            f"{data} holds {found if found is not None else 'no'} bytes, its inverted lists need "
+            f"{int(ondisk.totsize)}: the file is truncated or missing"
+        )
+    return index
 
 
 def build_ondisk_ivfpq(

@@ -58,6 +58,7 @@ from model.modeling import autocast
 
 logger = logging.getLogger(__name__)
 
+ACTOR_RETRIES = 3  # restarts of a dead encoder actor, and retries of its batch
 _Stage = Callable[[ray.data.Dataset], ray.data.Dataset]  # adds the decode stage to a dataset
 
 
@@ -180,11 +181,20 @@ class RayEngine:
         self.load_encoder = load_encoder
         self.started_cluster = False
         self.cluster_start_seconds = 0.0
-        self.gpus_per_worker = (
-            options.gpus_per_worker
-            if options.gpus_per_worker is not None
-            else (1.0 if torch.cuda.is_available() else 0.0)
-        )
+        if options.gpus_per_worker is not None:
+            self.gpus_per_worker = options.gpus_per_worker
+        else:  # a GPU each when this machine has one and the build may use it
+            on_cpu = config.device == "cpu" or config.runtime in ("onnx", "onnx-int8")
+            self.gpus_per_worker = 0.0 if on_cpu or not torch.cuda.is_available() else 1.0
+        if self.gpus_per_worker > 0 and config.runtime in ("onnx", "onnx-int8"):
+            raise UsageError(
+                f"--runtime {config.runtime} runs on the CPU: with --gpus-per-worker "
+                f"{self.gpus_per_worker:g} the actors would hold GPUs they never use; "
+                "use --runtime torch on GPUs"
+            )
+
+    def start(self) -> None:
+        self.connect()
 
     def connect(self) -> None:
         """Join ``options.address``, or start a local cluster with this machine's CPUs; a Ray
@@ -202,6 +212,12 @@ class RayEngine:
             else:
                 ray.init(address=address)
         except (ConnectionError, ValueError, RuntimeError, TimeoutError) as exc:
+            if address is None and os.environ.get("RAY_ADDRESS"):
+                raise UsageError(
+                    f"RAY_ADDRESS={os.environ['RAY_ADDRESS']} is set in the environment, so Ray "
+                    "joins that cluster instead of starting one: pass it as --ray-address, or "
+                    f"unset it ({type(exc).__name__}: {exc})"
+                ) from exc
             where = f"--ray-address {address}" if address else "a local Ray cluster"
             raise UsageError(f"cannot connect to {where}: {type(exc).__name__}: {exc}") from exc
         ray.data.DataContext.get_current().enable_progress_bars = False
@@ -211,6 +227,17 @@ class RayEngine:
             message = (
                 f"--ray-workers {self.options.workers}: each encoder actor takes a CPU and "
                 f"decoding needs at least one more, but the cluster has {cpus:g} CPUs"
+            )
+            if address is None:
+                self.close()
+                raise UsageError(message)
+            logger.warning("%s (now; an autoscaling cluster may add more)", message)
+        gpus = ray.cluster_resources().get("GPU", 0)
+        wanted = self.options.workers * self.gpus_per_worker
+        if gpus < wanted:  # else Ray waits for GPUs forever
+            message = (
+                f"--ray-workers {self.options.workers} x --gpus-per-worker "
+                f"{self.gpus_per_worker:g} need {wanted:g} GPUs, the cluster has {gpus:g}"
             )
             if address is None:
                 self.close()
@@ -331,10 +358,20 @@ class RayEngine:
         """Run the dataset and yield each unit's result as it reaches the driver."""
         # The actors load the encoder the driver resolved: same runtime, device and dtype.
         gpus = self.gpus_per_worker
+        if gpus > 0 and encoder.runtime != "torch":
+            raise UsageError(
+                f"the {encoder.runtime} runtime (chosen here, on the driver's CPU) runs on the "
+                f"CPU, but the actors would hold {gpus:g} GPU(s) each: pass --runtime torch"
+            )
+        # A CPU driver with GPU actors: let each actor resolve its own dtype (auto: bfloat16
+        # on its GPU) instead of the driver's float32.
+        dtype = str(encoder.dtype).removeprefix("torch.")
+        if gpus > 0 and encoder.device.type == "cpu":
+            dtype = self.config.dtype
         actor_config = replace(
             self.config,
             runtime=encoder.runtime,
-            dtype=str(encoder.dtype).removeprefix("torch."),
+            dtype=dtype,
             device=self.config.device if gpus > 0 else "cpu",
         )
         dataset = decode(ray.data.from_items(units, override_num_blocks=len(units)))
@@ -350,6 +387,10 @@ class RayEngine:
             },
             num_gpus=gpus,
             num_cpus=1,
+            # Bounded: an actor that dies on every try (a poison batch, the OOM killer) fails
+            # the build (resumable) instead of looping; Ray Data's default retries forever.
+            max_restarts=ACTOR_RETRIES,
+            max_task_retries=ACTOR_RETRIES,
             # Ray Data fuses a task map into the next actor map when their resources match
             # (CPU actors): decoding would then run inside the actors, one image at a time
             # per actor, leaving the other CPUs idle. A (neutral) label selector of the

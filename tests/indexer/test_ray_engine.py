@@ -53,6 +53,40 @@ def test_engine_ray_without_ray_installed_names_the_extra(
     assert not list((tmp_path / "root").glob(".tmp-*"))
 
 
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        (["--gpus-per-worker", "inf"], "--gpus-per-worker must be a finite number"),
+        (["--ray-address", "no-port-here"], "--ray-address must be host:port"),
+        (["--runtime", "onnx-int8", "--gpus-per-worker", "1"], "use --runtime torch on GPUs"),
+    ],
+)
+def test_impossible_ray_options_fail_before_any_work(
+    built: BuiltIndex, tmp_path: Path, capsys: Any, options: list[str], expected: str
+) -> None:
+    code = main(["build", "--model", str(built.model_dir), "--out", str(tmp_path / "root"),
+                 "--images", str(built.gallery.folder), "--engine", "ray", *options])  # fmt: skip
+    assert code == 2
+    error = capsys.readouterr().err
+    assert expected in error and "Traceback" not in error
+    assert not list((tmp_path / "root").glob(".tmp-*"))
+
+
+def test_more_gpus_than_the_local_cluster_has_is_a_usage_error_not_a_hang(
+    built: BuiltIndex, tmp_path: Path, capsys: Any
+) -> None:
+    if ray.is_initialized():
+        pytest.skip("this process is connected to a cluster already")
+    code = main(["build", "--model", str(built.model_dir), "--out", str(tmp_path / "root"),
+                 "--images", str(built.gallery.folder), "--engine", "ray",
+                 "--gpus-per-worker", "64"])  # fmt: skip
+    assert code == 2
+    error = capsys.readouterr().err
+    assert "GPUs, the cluster has" in error and "Traceback" not in error
+    assert not ray.is_initialized()  # the cluster it started is shut down
+    assert not list((tmp_path / "root").glob(".tmp-*"))  # failed before the build dir
+
+
 def test_a_bad_ray_address_is_a_usage_error(built: BuiltIndex, tmp_path: Path, capsys: Any) -> None:
     if ray.is_initialized():
         pytest.skip("this process is connected to a cluster already")
@@ -146,6 +180,23 @@ def test_sigkill_of_the_driver_keeps_current_and_resume_completes(
     np.testing.assert_allclose(vectors, full_vectors, atol=1e-5)
 
 
+class _CrashAlwaysEncoder:
+    """Every forward pass kills its process: a poison batch, or the OOM killer each time."""
+
+    def __init__(self, encoder: Any) -> None:
+        self._encoder = encoder
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._encoder, name)
+
+    def encode_pixels(self, *args: Any, **kwargs: Any) -> Any:
+        os._exit(1)
+
+
+def _crash_always_loader(config: BuildConfig) -> Any:
+    return _CrashAlwaysEncoder(load_build_encoder(config))
+
+
 class _CrashOnceEncoder:
     """Delegates to the real encoder, but the first forward pass anywhere kills its process."""
 
@@ -199,3 +250,22 @@ def test_a_killed_encoder_actor_is_retried_without_loss_or_duplicates(
     assert ids == full_ids
     np.testing.assert_allclose(vectors, full_vectors, atol=1e-5)
     assert verify_version(config.out_root) == []
+
+
+def test_an_actor_that_always_dies_fails_the_build_instead_of_looping(
+    ray_cluster: str, built: BuiltIndex, tmp_path: Path
+) -> None:
+    from indexer.ray_engine import RayEngine
+
+    config = BuildConfig(
+        model_dir=built.model_dir,
+        out_root=tmp_path / "root",
+        images=built.gallery.folder,
+        batch_size=4,
+        shard_size=8,
+        engine="ray",
+        ray=RayOptions(workers=1),
+    )
+    with pytest.raises(Exception, match=r"(?i)actor|died|exit"):
+        run_build(config, engine=RayEngine(config, load_encoder=_crash_always_loader))
+    assert read_current(config.out_root) is None  # nothing published; the build resumable
