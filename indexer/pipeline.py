@@ -170,11 +170,7 @@ def encode_image_shards(
     stats.resumed = len(paths) - sum(s.stop - s.start for s in pending)
     if not pending:
         return stats
-    batches = [
-        list(range(start, min(start + batch_size, shard.stop)))
-        for shard in pending
-        for start in range(shard.start, shard.stop, batch_size)
-    ]
+    batches = [list(positions) for _, positions in store.pending_batches(batch_size)]
     device = encoder.device
     loader = DataLoader(
         ImageDecodeDataset(paths, encoder.image_processor, max_pixels),

@@ -256,12 +256,11 @@ class RayEngine:
         units = [
             {
                 "shard": shard.index,
-                "start": start,
-                "paths": list(job.paths[start : min(start + job.batch_size, shard.stop)]),
-                "ids": list(job.store.ids[start : min(start + job.batch_size, shard.stop)]),
+                "start": batch.start,
+                "paths": list(job.paths[batch.start : batch.stop]),
+                "ids": list(job.store.ids[batch.start : batch.stop]),
             }
-            for shard in job.store.pending()
-            for start in range(shard.start, shard.stop, job.batch_size)
+            for shard, batch in job.store.pending_batches(job.batch_size)
         ]
         return self._run(
             encoder,
@@ -284,11 +283,10 @@ class RayEngine:
         units = [
             {
                 "shard": shard.index,
-                "start": start,
-                "texts": list(job.texts[start : min(start + job.batch_size, shard.stop)]),
+                "start": batch.start,
+                "texts": list(job.texts[batch.start : batch.stop]),
             }
-            for shard in job.store.pending()
-            for start in range(shard.start, shard.stop, job.batch_size)
+            for shard, batch in job.store.pending_batches(job.batch_size)
         ]
         return self._run(
             encoder,

@@ -91,6 +91,16 @@ class ShardStore:
         """Shards still to encode."""
         return [shard for shard in self.shards if not self.is_done(shard)]
 
+    def pending_batches(self, batch_size: int) -> list[tuple[Shard, range]]:
+        """The pending shards cut into forward batches of at most ``batch_size`` positions, in
+        order; a batch never crosses a shard. Every engine cuts the same way, so they pad and
+        encode the same batches and give the same vectors."""
+        return [
+            (shard, range(start, min(start + batch_size, shard.stop)))
+            for shard in self.pending()
+            for start in range(shard.start, shard.stop, batch_size)
+        ]
+
     def write(
         self,
         shard: Shard,
