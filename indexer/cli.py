@@ -247,7 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=_non_negative_float,
         metavar="G",
         help="ray: GPUs per encoder actor, may be fractional (default: 1 when CUDA is "
-        "visible here, else 0: the actors encode on the CPU)",
+        "visible here, else 0: the actors encode on the CPU; 0 with --device cpu or an ONNX "
+        "runtime). More than a local cluster has is refused",
     )
 
     info = commands.add_parser(

@@ -51,7 +51,7 @@ class RayOptions:
 
     address: str | None = None  # None: start a local cluster with this machine's CPUs
     workers: int = 1  # encoder actors (each loads the model once)
-    gpus_per_worker: float | None = None  # None: 1 when CUDA is visible here, else 0
+    gpus_per_worker: float | None = None  # None: 1 with CUDA here (not --device cpu or ONNX)
 
     def __post_init__(self) -> None:
         if self.workers < 1:
