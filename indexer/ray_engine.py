@@ -112,12 +112,9 @@ def _caption_unit(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
-    """Raise :class:`UsageError` unless ``[ray://]host:port`` accepts a TCP connection."""
+    """Raise :class:`UsageError` unless ``[ray://]host:port`` (its form checked by
+    :class:`RayOptions`) accepts a TCP connection."""
     host, _, port = address.removeprefix("ray://").rpartition(":")
-    if not host or not port.isdigit():
-        raise UsageError(
-            f"--ray-address must be host:port, ray://host:port or auto, got {address!r}"
-        )
     try:
         with socket.create_connection((host, int(port)), timeout=timeout_s):
             pass

@@ -204,12 +204,6 @@ def read_manifest(directory: Path) -> Manifest:
     return manifest
 
 
-def manifest_runtime(manifest: Manifest) -> str:
-    """The encoder runtime (``torch``, ``onnx``, ``onnx-int8``) a version's vectors came from;
-    :data:`DEFAULT_RUNTIME` for manifests written before the indexer recorded it."""
-    return manifest.runtime
-
-
 def _check_query(xq: np.ndarray, dim: int, k: int) -> None:
     if not isinstance(xq, np.ndarray) or xq.dtype != np.float32 or xq.ndim != 2:
         raise ValueError(
@@ -501,10 +495,15 @@ class IndexVersion:
             )
         return [found[row] for row in wanted]
 
+    def image_row(self, image_id: str) -> int | None:
+        """The faiss row of the gallery image with this id, or None."""
+        rows = self._query("SELECT row FROM images WHERE id = ?", (image_id,))
+        return int(rows[0][0]) if rows else None
+
     def image_by_id(self, image_id: str) -> ImageRecord | None:
         """The gallery image with this id, or None."""
-        rows = self._query("SELECT row FROM images WHERE id = ?", (image_id,))
-        return self.image_records([rows[0][0]])[0] if rows else None
+        row = self.image_row(image_id)
+        return None if row is None else self.image_records([row])[0]
 
     def reconstruct(self, modality: Modality, rows: Sequence[int]) -> np.ndarray:
         """Stored vectors of ``rows``, float32 ``(len(rows), dim)`` (approximate for IVF-PQ)."""

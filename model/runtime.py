@@ -19,7 +19,6 @@ delete its directory to export and check again.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 from pathlib import Path
@@ -30,6 +29,7 @@ import torch
 from PIL import Image
 
 from model.atomic import replace_file, write_atomically
+from model.files import file_sha256
 from model.modeling import VLDeformer
 from model.runtime_check import RuntimeCheck, run_check
 from model.runtime_encoders import OnnxEncoder, TorchEncoder
@@ -100,11 +100,6 @@ def _import_onnxruntime() -> Any:
     return onnxruntime
 
 
-def _sha256(path: Path) -> str:
-    with path.open("rb") as file:
-        return hashlib.file_digest(file, "sha256").hexdigest()
-
-
 def _export_manifest(runtime: str, fingerprint: str, directory: Path) -> dict[str, Any]:
     import onnxruntime
 
@@ -114,7 +109,7 @@ def _export_manifest(runtime: str, fingerprint: str, directory: Path) -> dict[st
         "model_fingerprint": fingerprint,
         "torch": torch.__version__,
         "onnxruntime": onnxruntime.__version__,
-        "files": {name: _sha256(directory / name) for name in _MODEL_FILES},
+        "files": {name: file_sha256(directory / name) for name in _MODEL_FILES},
     }
 
 
@@ -127,7 +122,7 @@ def _valid_export(directory: Path, runtime: str, fingerprint: str) -> bool:
             manifest["format_version"] == EXPORT_FORMAT_VERSION
             and manifest["runtime"] == runtime
             and manifest["model_fingerprint"] == fingerprint
-            and all(_sha256(directory / name) == files[name] for name in _MODEL_FILES)
+            and all(file_sha256(directory / name) == files[name] for name in _MODEL_FILES)
         )
     except (OSError, ValueError, KeyError, TypeError):
         return False

@@ -281,8 +281,16 @@ def hydrate(
     index: IndexVersion, target: Target[RecordT], hits: Sequence[Hit]
 ) -> list[Scored[RecordT]]:
     """Hydrate stage: each hit's record from the index metadata, in the hits' order (blocking)."""
-    records = target.records(index, [hit.row for hit in hits])
-    return [Scored(record, hit.retrieval_score) for record, hit in zip(records, hits, strict=True)]
+    return hydrate_each(index, target, [hits])[0]
+
+
+def hydrate_each(
+    index: IndexVersion, target: Target[RecordT], hits_per_query: Sequence[Sequence[Hit]]
+) -> list[list[Scored[RecordT]]]:
+    """:func:`hydrate` for the queries of a search batch: one metadata read for all their hits
+    (a read per query would queue on the store's one SQLite connection)."""
+    records = iter(target.records(index, [hit.row for hits in hits_per_query for hit in hits]))
+    return [[Scored(next(records), hit.retrieval_score) for hit in hits] for hits in hits_per_query]
 
 
 def retrieve(
@@ -306,13 +314,13 @@ def retrieve(
 def gallery_vector(index: IndexVersion, image_id: str) -> tuple[int, np.ndarray]:
     """A gallery image's faiss row and stored vector ``(D,)``, renormalised (IVF-PQ stores an
     approximation). Raises :class:`NotFound` (404) for an id the index does not list."""
-    record = index.image_by_id(image_id)
-    if record is None:
+    row = index.image_row(image_id)  # the row only: the results are hydrated anyway
+    if row is None:
         raise NotFound(
             f"no gallery image with id {image_id[:200]!r} in index version {index.version}"
         )
-    vector = index.reconstruct("images", [record.row])[0].astype(np.float32)  # (D,)
-    return record.row, vector / max(float(np.linalg.norm(vector)), 1e-12)
+    vector = index.reconstruct("images", [row])[0].astype(np.float32)  # (D,)
+    return row, vector / max(float(np.linalg.norm(vector)), 1e-12)
 
 
 def retrieve_similar(

@@ -36,7 +36,7 @@ from service.retrieval import (
     Scored,
     Target,
     best_hits,
-    hydrate,
+    hydrate_each,
     retrieve,
     search_matrix,
 )
@@ -89,10 +89,11 @@ class SearchBatch(Generic[RecordT]):
             seconds = time.perf_counter() - started
             for query in group:
                 self.metrics.search_seconds.labels(query.modality).observe(seconds)
-        return [
-            hydrate(index, self.target, best_hits(distances[b], rows[b], query.k, query.exclude))
+        hits = [
+            best_hits(distances[b], rows[b], query.k, query.exclude)
             for b, query in enumerate(group)
         ]
+        return hydrate_each(index, self.target, hits)
 
 
 def _by_version(queries: Sequence[SearchQuery]) -> list[list[int]]:

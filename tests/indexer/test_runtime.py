@@ -10,7 +10,7 @@ import pytest
 from indexer import publish
 from indexer.build import RUNTIME_OPTIONS
 from indexer.cli import build_parser, main
-from indexer.store import IndexVersion, manifest_runtime, read_manifest, version_dir
+from indexer.store import IndexVersion, read_manifest, version_dir
 from tests.indexer.conftest import BuiltIndex
 
 
@@ -77,7 +77,7 @@ def test_a_torch_build_records_torch_and_an_old_manifest_reads_as_torch(
     )
     with IndexVersion.open(root) as version:
         assert "runtime" not in version.manifest.to_dict()["model"]
-        assert version.runtime == manifest_runtime(version.manifest) == "torch"
+        assert version.runtime == version.manifest.runtime == "torch"
     assert main(["info", str(root)]) == 0
     assert "runtime      torch (not recorded: an older build)" in capsys.readouterr().out
 

@@ -37,8 +37,13 @@ class CountingSearch:
 
     def __init__(self, fail: Exception | None = None) -> None:
         self.calls: list[Call] = []
+        self.record_reads = 0  # metadata reads of the hydrate stage
         self.fail = fail
-        self.target: Target[Any] = replace(IMAGES, search=self.search)
+        self.target: Target[Any] = replace(IMAGES, search=self.search, records=self.records)
+
+    def records(self, index: IndexVersion, rows: Sequence[int]) -> list[Any]:
+        self.record_reads += 1
+        return IMAGES.records(index, rows)
 
     def search(
         self, index: IndexVersion, xq: np.ndarray, k: int, selection: RowSelection | None
@@ -101,6 +106,7 @@ def test_concurrent_queries_share_one_search_and_each_gets_its_own_results(
         queries.append({"index": index, "xq": vectors[0], "k": 3, "exclude": copies})
         results = run_concurrently(counting, queries)
         assert [(c.nq, c.k, c.selection) for c in counting.calls] == [(6, 3 + copies.slack, None)]
+        assert counting.record_reads == 1  # one metadata read for the whole batch
         for query, found in zip(queries, results, strict=True):
             assert_same(found, alone(**query))
         assert len(results[3]) == 6 and results[-1][0].record.id != results[0][0].record.id
