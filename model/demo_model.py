@@ -29,8 +29,9 @@ import torch
 from model.backbone import init_vilt_checkpoint
 from model.files import file_sha256
 from model.itm import ItmConfig, train_teacher
+from model.loss import FALSE_NEGATIVE_MODES
 from model.modeling import VLDeformer
-from model.synthetic import PRESETS, VOCABULARY, write_dataset
+from model.synthetic import GENERATOR_VERSION, PRESETS, VOCABULARY, write_dataset
 from model.train import TrainConfig, train
 
 logger = logging.getLogger(__name__)
@@ -67,6 +68,9 @@ class DemoModelConfig:
     decompose_lr: float = 2e-4
     temperature: float = 0.05
     negatives: str = "bimodal"
+    # A partial caption ("a red circle") true of other batch images: another positive of
+    # them ("positive"), left out ("mask") or a negative ("keep": the paper's plain loss).
+    false_negatives: str = "positive"
     pooling: str = "cls"  # or "mean": the paper's code (mean of all tokens, then tanh)
     from_scratch: bool = False  # ablation: decompose the random initialisation, not the teacher
 
@@ -139,6 +143,7 @@ def _portable(config: ItmConfig) -> dict[str, object]:
     record = dataclasses.asdict(config)
     record.update(init_model="init (model.backbone.init_vilt_checkpoint)", output_dir="teacher")
     record["data"] = Path(record["data"]).name
+    record["generator_version"] = GENERATOR_VERSION  # a teacher of an older world is stale
     return record
 
 
@@ -157,6 +162,7 @@ def decompose(config: DemoModelConfig, start: Path, work_dir: Path) -> Path:
             min_lr_ratio=0.05,
             temperature=config.temperature,
             negatives=config.negatives,
+            false_negatives=config.false_negatives,
             pooling=config.pooling,
             eval_every=0,
             save_every=max(1, config.decompose_steps // 4),
@@ -193,7 +199,8 @@ def build_demo_models(
     work_dir = config.out_dir.parent / f".work-{config.out_dir.name}"
     settings_file = work_dir / "demo_config.json"
     settings = json.dumps(
-        {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(config).items()},
+        {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(config).items()}
+        | {"generator_version": GENERATOR_VERSION},  # a new world never resumes an old build
         sort_keys=True,
     )
     if fresh or (settings_file.is_file() and settings_file.read_text() != settings):
@@ -284,6 +291,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="contrastive negatives of stage (b) (default %(default)s)",
     )
     parser.add_argument(
+        "--false-negatives",
+        choices=FALSE_NEGATIVE_MODES,
+        default=defaults.false_negatives,
+        help="stage (b): a caption also true of another image of the batch is another "
+        "positive of it, left out, or kept a negative (the paper) (default %(default)s)",
+    )
+    parser.add_argument(
         "--threads",
         type=int,
         default=1,
@@ -315,6 +329,7 @@ def main(argv: list[str] | None = None) -> int:
         teacher_steps=args.teacher_steps,
         decompose_steps=args.decompose_steps,
         negatives=args.negatives,
+        false_negatives=args.false_negatives,
         from_scratch=args.from_scratch,
     )
     try:

@@ -39,7 +39,6 @@ import json
 import logging
 import shutil
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,10 +49,11 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from model.atomic import write_atomically
-from model.data import OneCaptionPerImageSampler, Pair, PairDataset, collate_pairs, read_pairs
+from model.data import OneCaptionPerImageSampler, PairDataset, collate_pairs, read_pairs
 from model.modeling import EarlyInteraction, VLDeformer
 from model.schedule import warmup_cosine_scheduler
 from model.train import epoch_batches
+from model.truth import TruthTable
 
 logger = logging.getLogger(__name__)
 
@@ -182,53 +182,6 @@ def teacher_loss(
         torch.cat([positive, i2t], 1), zero
     )
     return losses
-
-
-class TruthTable:
-    """Which training captions are true of which training images (``truth[i, j]``).
-
-    Built from the synthetic scene specs when the data file carries them, else from equal
-    caption texts and equal image files.
-    """
-
-    def __init__(self, pairs: Sequence[Pair], data: str, split: str) -> None:
-        self._pairs = pairs
-        self._scenes: list[object] | None = None
-        try:
-            from model import synthetic
-
-            examples = synthetic.read_examples(data)
-        except (OSError, ValueError):
-            return
-        scenes, image_of, query_of = synthetic.caption_truth(examples, split)
-        if len(image_of) != len(pairs):
-            raise ValueError(
-                f"{data}: {len(pairs)} pairs but {len(image_of)} captioned scenes in {split!r}"
-            )
-        self._scenes = list(scenes)
-        self._image_of, self._query_of = image_of, query_of
-        self._is_true_of = synthetic.is_true_of
-
-    @property
-    def from_scenes(self) -> bool:
-        return self._scenes is not None
-
-    def batch(self, indices: Sequence[int]) -> torch.Tensor:
-        """``(B, B)`` bool: caption of pair ``indices[i]`` is true of the image of ``indices[j]``."""
-        n = len(indices)
-        truth = torch.eye(n, dtype=torch.bool)
-        for a, i in enumerate(indices):
-            for b, j in enumerate(indices):
-                if a == b:
-                    continue
-                if self._scenes is None:
-                    pi, pj = self._pairs[i], self._pairs[j]
-                    truth[a, b] = pi.caption == pj.caption or pi.image_path == pj.image_path
-                else:
-                    own = self._scenes[self._image_of[i]]
-                    other = self._scenes[self._image_of[j]]
-                    truth[a, b] = self._is_true_of(self._query_of[i], own, other)
-        return truth
 
 
 class MaskedWordHead(torch.nn.Module):

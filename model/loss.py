@@ -30,6 +30,10 @@ logger = logging.getLogger(__name__)
 
 Negatives = Literal["bimodal", "unimodal"]
 NEGATIVE_MODES: tuple[str, ...] = get_args(Negatives)
+# What a (caption, image) pair that is true but not the batch's own pair becomes
+# (``ContrastiveLoss.forward``'s ``truth``): another positive, nothing, or a negative.
+FalseNegatives = Literal["positive", "mask", "keep"]
+FALSE_NEGATIVE_MODES: tuple[str, ...] = get_args(FalseNegatives)
 
 # The temperature of the paper's released code: cosine similarities in [-1, 1] become logits
 # in [-200, 200], a very sharp softmax that concentrates the loss on the hardest negatives.
@@ -61,24 +65,41 @@ class ContrastiveLoss(nn.Module):
     """
 
     def __init__(
-        self, temperature: float = DEFAULT_TEMPERATURE, negatives: Negatives = "bimodal"
+        self,
+        temperature: float = DEFAULT_TEMPERATURE,
+        negatives: Negatives = "bimodal",
+        false_negatives: FalseNegatives = "positive",
     ) -> None:
         super().__init__()
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature!r}")
         if negatives not in NEGATIVE_MODES:
             raise ValueError(f"negatives must be one of {NEGATIVE_MODES}, got {negatives!r}")
+        if false_negatives not in FALSE_NEGATIVE_MODES:
+            raise ValueError(
+                f"false_negatives must be one of {FALSE_NEGATIVE_MODES}, got {false_negatives!r}"
+            )
         self.temperature = float(temperature)
         self.negatives: Negatives = negatives
+        self.false_negatives: FalseNegatives = false_negatives
 
     def extra_repr(self) -> str:
-        return f"temperature={self.temperature}, negatives={self.negatives!r}"
+        return (
+            f"temperature={self.temperature}, negatives={self.negatives!r}, "
+            f"false_negatives={self.false_negatives!r}"
+        )
 
-    def get_logits(self, text_emb: Tensor, image_emb: Tensor) -> Tensor:
+    def get_logits(
+        self, text_emb: Tensor, image_emb: Tensor, truth: Tensor | None = None
+    ) -> Tensor:
         """Similarity logits ``(2N, 2N)``: rows/columns are ``[texts; images]``.
 
         Entries that are not candidates of their row (self-similarity always; same-modality
-        pairs too in ``"unimodal"`` mode) are ``-inf``.
+        pairs too in ``"unimodal"`` mode) are ``-inf``. ``truth`` ``(N, N)`` bool, when given
+        and ``false_negatives`` is not ``"keep"``, marks caption ``a`` true of image ``b``
+        (:class:`model.truth.TruthTable`): the two captions and the two images of such ``a``
+        and ``b`` are no negatives of each other (``-inf``), and in ``"mask"`` mode neither is
+        the pair itself (in ``"positive"`` mode it stays: :meth:`forward` counts it a positive).
         """
         _check_embeddings(text_emb, image_emb)
         dtype = torch.promote_types(text_emb.dtype, torch.float32)  # fp16/bf16 -> fp32
@@ -91,17 +112,48 @@ class ContrastiveLoss(nn.Module):
         else:
             is_image = position >= n
             excluded = is_image[:, None] == is_image[None, :]  # (2N, 2N) same-modality blocks
+        if truth is not None and self.false_negatives != "keep":
+            true = _check_truth(truth, n).to(logits.device)
+            either = true | true.T  # a and b describe each other's image
+            cross = true if self.false_negatives == "mask" else torch.zeros_like(true)
+            excluded = excluded | torch.cat(
+                [torch.cat([either, cross], 1), torch.cat([cross.T, either], 1)], 0
+            )
+            excluded = excluded & ~(position[:, None] == (position[None, :] + n) % (2 * n))
         return logits.masked_fill(excluded, float("-inf"))
 
     def get_ground_truth(self, n: int, device: torch.device | str | None = None) -> Tensor:
         """Target column of each of the 2N rows: text ``i`` -> image ``i`` and back. ``(2N,)``."""
         return (torch.arange(2 * n, device=device) + n) % (2 * n)
 
-    def forward(self, text_emb: Tensor, image_emb: Tensor) -> Tensor:
-        """Scalar mean loss of ``text_emb`` ``(N, D)`` against ``image_emb`` ``(N, D)``."""
-        logits = self.get_logits(text_emb, image_emb)
-        targets = self.get_ground_truth(text_emb.shape[0], logits.device)
-        return F.cross_entropy(logits, targets)
+    def forward(self, text_emb: Tensor, image_emb: Tensor, truth: Tensor | None = None) -> Tensor:
+        """Scalar mean loss of ``text_emb`` ``(N, D)`` against ``image_emb`` ``(N, D)``.
+
+        ``truth`` ``(N, N)`` bool marks caption ``a`` true of image ``b`` (the diagonal
+        always). By ``false_negatives``: ``"positive"`` — each anchor's term becomes
+        ``-log sum_{b in P(a)} exp s(a, b) + log sum_{b in C(a)} exp s(a, b)`` over all its
+        true pairs ``P(a)`` (a partial caption such as "a red circle" is pulled towards every
+        image holding a red circle, as in UniCL); ``"mask"`` — true pairs other than ``p(a)``
+        leave ``C(a)``; ``"keep"`` — ``truth`` is ignored (the paper's plain in-batch loss).
+        With ``truth`` the identity, all three are the loss above.
+        """
+        logits = self.get_logits(text_emb, image_emb, truth)
+        n = text_emb.shape[0]
+        if truth is None or self.false_negatives != "positive":
+            return F.cross_entropy(logits, self.get_ground_truth(n, logits.device))
+        true = _check_truth(truth, n).to(logits.device)
+        none = torch.zeros_like(true)
+        positive = torch.cat([torch.cat([none, true], 1), torch.cat([true.T, none], 1)], 0)
+        own = torch.logsumexp(logits.masked_fill(~positive, float("-inf")), dim=1)
+        return (torch.logsumexp(logits, dim=1) - own).mean()
+
+
+def _check_truth(truth: Tensor, n: int) -> Tensor:
+    if truth.shape != (n, n):
+        raise ValueError(f"truth must be ({n}, {n}), got {tuple(truth.shape)}")
+    if not bool(truth.diagonal().all()):
+        raise ValueError("truth must be true on its diagonal: each caption is true of its image")
+    return truth.to(dtype=torch.bool)
 
 
 def _check_embeddings(text_emb: Tensor, image_emb: Tensor) -> None:

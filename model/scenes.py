@@ -1,7 +1,8 @@
 """The scene spec of the synthetic world: what one image shows, as data.
 
 A :class:`Scene` is one to three flat shapes (:class:`SceneObject`: colour, shape, size,
-centre) on white, with the relation that orders them or the lone object's position.
+centre) on white, with the relation that orders them or the lone object's position. Objects sit
+in the cells of a :data:`GRID` x :data:`GRID` board, one object per cell.
 :mod:`model.synthetic` draws, renders and captions scenes; :mod:`model.queries` asks short
 questions of them.
 """
@@ -24,9 +25,14 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 }
 BACKGROUND = (255, 255, 255)
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "diamond")
-# Half the side of an object's bounding box, as a fraction of the image side: three large
-# objects still fit in a row.
-SIZES: dict[str, float] = {"small": 0.09, "large": 0.15}
+# The board: objects are centred in its cells (give or take a pixel). At the demo model's 64 px
+# its cells are exactly the ViLT's 16-pixel patches, so one patch sees one whole object: with
+# objects straddling patches at random offsets a small ViLT hardly learns shapes (a supervised
+# probe read them at 0.65 after 1,500 steps; on the board, 1.00 after 250 — BENCHMARKS.md §1b).
+GRID = 4
+# Half the side of an object's bounding box, as a fraction of the image side: at 64 px a large
+# object is 13 pixels across in a 16-pixel cell, so a pixel of jitter keeps it inside.
+SIZES: dict[str, float] = {"small": 0.06, "large": 0.1}
 RELATIONS: tuple[str, ...] = ("left of", "above")  # objects[i] <relation> objects[i + 1]
 POSITIONS: tuple[str, ...] = ("left", "right", "top", "bottom", "middle")  # of a lone object
 

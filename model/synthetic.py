@@ -48,6 +48,7 @@ from model.atomic import replace_file
 from model.scenes import (
     BACKGROUND,
     COLOURS,
+    GRID,
     POSITIONS,
     RELATIONS,
     SHAPES,
@@ -58,7 +59,7 @@ from model.scenes import (
 
 logger = logging.getLogger(__name__)
 
-GENERATOR_VERSION = 2  # bump whenever the output for a given config changes
+GENERATOR_VERSION = 3  # bump whenever the output for a given config changes
 SPLITS = ("train", "val", "test")
 IMAGES_DIRNAME = "images"
 DATASET_FILENAME = "dataset.json"
@@ -74,8 +75,16 @@ SYNONYMS: dict[str, str] = {
     "beneath": "below",
 }
 
-_PAD = 0.02  # empty margin, as a fraction of the image side, around each object's cell
-_ACROSS_JITTER = 0.1  # how far objects in a row stray from the row's centre line
+_JITTER = 1 / 64  # how far an object strays from its cell's centre: one pixel at 64 px
+# The cells a lone object may take for each position word: (columns, rows) of the board.
+_MIDDLE = (GRID // 2 - 1, GRID // 2) if GRID % 2 == 0 else (GRID // 2,)
+_LONE_CELLS: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
+    "left": ((0,), _MIDDLE),
+    "right": ((GRID - 1,), _MIDDLE),
+    "top": (_MIDDLE, (0,)),
+    "bottom": (_MIDDLE, (GRID - 1,)),
+    "middle": (_MIDDLE, _MIDDLE),
+}
 _OBJECT_COUNT_WEIGHTS = (0.2, 0.5, 0.3)  # one, two, three objects (twin groups come on top)
 _MAX_SIZE, _MIN_SIZE = 1024, 32
 
@@ -273,7 +282,8 @@ def render(scene: Scene, image_size: int) -> Image.Image:
     draw = ImageDraw.Draw(image)
     for obj in scene.objects:
         cx, cy = round(obj.x * image_size), round(obj.y * image_size)
-        half = max(2, round(SIZES[obj.size] * image_size))
+        # Never wider than its cell less a pixel each side for the jitter: no two objects touch.
+        half = max(2, min(round(SIZES[obj.size] * image_size), image_size // (2 * GRID) - 2))
         fill = COLOURS[obj.colour]
         if obj.shape == "circle":
             draw.ellipse([cx - half, cy - half, cx + half, cy + half], fill=fill)
@@ -316,20 +326,21 @@ def _phrase(field: str, scene: Scene, rng: random.Random) -> str:
     return options if isinstance(options, str) else rng.choice(options)
 
 
-def _jitter(rng: random.Random, bound: float) -> float:
-    return rng.uniform(-bound, bound) if bound > 0 else 0.0
+def _cell_centre(index: int, rng: random.Random) -> float:
+    """The centre of the board's column or row ``index``, jittered, as a fraction of the side."""
+    return round((index + 0.5) / GRID + rng.uniform(-_JITTER, _JITTER), 3)
 
 
 def _place_row(rng: random.Random, kinds: list[tuple[str, str, str]], relation: str) -> Scene:
-    """Objects (shape, colour, size) in equal cells along the axis, each inside its own cell."""
-    cell = 1.0 / len(kinds)
+    """Objects (shape, colour, size) in one row (``"left of"``) or column (``"above"``) of the
+    board, in cells drawn at random along it, kept in reading order."""
+    along = sorted(rng.sample(range(GRID), len(kinds)))
+    across = rng.randrange(GRID)
     objects = []
-    for i, (shape, colour, size) in enumerate(kinds):
-        radius = SIZES[size]
-        along = (i + 0.5) * cell + _jitter(rng, cell / 2 - radius - _PAD)
-        across = 0.5 + _jitter(rng, min(_ACROSS_JITTER, 0.5 - radius - _PAD))
-        x, y = (along, across) if relation == "left of" else (across, along)
-        objects.append(SceneObject(shape, colour, size, round(x, 3), round(y, 3)))
+    for cell, (shape, colour, size) in zip(along, kinds, strict=True):
+        a, b = _cell_centre(cell, rng), _cell_centre(across, rng)
+        x, y = (a, b) if relation == "left of" else (b, a)
+        objects.append(SceneObject(shape, colour, size, x, y))
     return Scene(tuple(objects), relation)
 
 
@@ -341,13 +352,10 @@ def random_scene(rng: random.Random, n_objects: int | None = None) -> Scene:
     if n_objects == 1:
         shape, colour, size = rng.choice(SHAPES), rng.choice(list(COLOURS)), rng.choice(list(SIZES))
         position = rng.choice(POSITIONS)
-        column, row = {"left": (0, 1), "right": (2, 1), "top": (1, 0), "bottom": (1, 2)}.get(
-            position, (1, 1)
-        )
-        bound = 1 / 6 - SIZES[size] - _PAD  # a 3x3 grid of cells
-        x = (column + 0.5) / 3 + _jitter(rng, bound)
-        y = (row + 0.5) / 3 + _jitter(rng, bound)
-        return Scene((SceneObject(shape, colour, size, round(x, 3), round(y, 3)),), None, position)
+        columns, rows = _LONE_CELLS[position]
+        x = _cell_centre(rng.choice(columns), rng)
+        y = _cell_centre(rng.choice(rows), rng)
+        return Scene((SceneObject(shape, colour, size, x, y),), None, position)
     kinds: list[tuple[str, str, str]] = []
     while len(kinds) < n_objects:  # distinct (shape, colour), so "the blue square" is one object
         shape, colour = rng.choice(SHAPES), rng.choice(list(COLOURS))
@@ -384,7 +392,7 @@ def _draw_twin_group(rng: random.Random) -> list[Scene]:
     return [base, swapped, _mirror(base), _mirror(swapped)]
 
 
-def _scene_key(scene: Scene) -> tuple[Any, ...]:
+def scene_key(scene: Scene) -> tuple[Any, ...]:
     """What the captions say about a scene (positions within a cell are not said)."""
     kinds = tuple((obj.size, obj.colour, obj.shape) for obj in scene.objects)
     return (scene.relation, scene.position, kinds)
@@ -409,7 +417,7 @@ def _generate_split(
             raise ValueError(
                 f"cannot draw {count} different {split} scenes; ask for fewer (n_{split}={count})"
             )
-        keys = {_scene_key(scene) for scene in candidates}
+        keys = {scene_key(scene) for scene in candidates}
         if unique and (len(keys) < len(candidates) or keys & used):
             return False
         used.update(keys)
@@ -448,7 +456,7 @@ def generate(config: SyntheticConfig) -> list[Example]:
             twins = tuple(
                 offset + other
                 for other in by_words[tuple(attribute_words(scene))]
-                if _scene_key(drawn[other][0]) != _scene_key(scene)
+                if scene_key(drawn[other][0]) != scene_key(scene)
             )
             examples.append(
                 Example(offset + index, split, index, scene, tuple(captions), twins, tuple(partial))
@@ -666,7 +674,7 @@ def caption_truth(
 def is_true_of(query: queries.Query | None, own: Scene, other: Scene) -> bool:
     """Whether a caption of scene ``own`` (``query`` None: a full one) also describes ``other``."""
     if query is None:
-        return _scene_key(own) == _scene_key(other)
+        return scene_key(own) == scene_key(other)
     return queries.matches(query, other)
 
 

@@ -66,10 +66,11 @@ from model.data import (
 )
 from model.evaluate import evaluate, load_gallery
 from model.images import ImageError
-from model.loss import ContrastiveLoss, contrastive_step
+from model.loss import ContrastiveLoss, LossFn, contrastive_step
 from model.modeling import VLDeformer, autocast
 from model.schedule import warmup_cosine_scheduler
 from model.train_config import TrainConfig, build_parser, config_from_args
+from model.truth import TruthTable
 
 __all__ = ["TrainConfig", "build_parser", "main", "train"]
 
@@ -213,6 +214,15 @@ def train(config: TrainConfig) -> Path:
     dataset = PairDataset(
         pairs, model.tokenizer, model.image_processor, max_text_len=settings.max_text_len
     )
+    truth_table = None
+    if config.false_negatives != "keep":
+        one_split = split[0] if split is not None and len(split) == 1 else None
+        truth_table = TruthTable(pairs, config.data_path, one_split)
+        logger.info(
+            "false negatives: %s, truth from %s",
+            config.false_negatives,
+            "scene specs" if truth_table.from_scenes else "equal captions / images",
+        )
     sampler = OneCaptionPerImageSampler(pairs, seed=config.seed)
     steps_per_epoch = len(sampler) // config.batch_size
     if steps_per_epoch < 1:
@@ -237,7 +247,11 @@ def train(config: TrainConfig) -> Path:
     scheduler = warmup_cosine_scheduler(
         optimizer, config.warmup_steps, total_steps, config.min_lr_ratio, completed_steps=step
     )
-    loss_fn = ContrastiveLoss(config.temperature, config.negatives)  # type: ignore[arg-type]
+    loss_fn = ContrastiveLoss(
+        config.temperature,
+        config.negatives,  # type: ignore[arg-type]
+        config.false_negatives,  # type: ignore[arg-type]
+    )
     if step >= total_steps:
         logger.info("step %d already reaches the %d steps of this run", step, total_steps)
 
@@ -269,12 +283,16 @@ def train(config: TrainConfig) -> Path:
             )
             for batch in loader:
                 optimizer.zero_grad(set_to_none=True)
+                batch_loss: LossFn = loss_fn
+                if truth_table is not None:
+                    truth = truth_table.batch(batch["index"].tolist())
+                    batch_loss = functools.partial(loss_fn, truth=truth)
                 loss = contrastive_step(
                     encode_text,
                     encode_images,
                     {key: batch[key] for key in TEXT_KEYS},
                     {key: batch[key] for key in IMAGE_KEYS},
-                    loss_fn,
+                    batch_loss,
                     config.micro_batch_size,
                     device=device,
                 )

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from model.loss import NEGATIVE_MODES
+from model.loss import FALSE_NEGATIVE_MODES, NEGATIVE_MODES
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -45,6 +45,9 @@ class TrainConfig:
     grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
     temperature: float = 0.005  # the paper's code; saved into the model's DecomposeSettings
     negatives: str = "bimodal"  # or "unimodal" (plain InfoNCE, the ablation)
+    # A caption true of another image of the batch (model.truth): "positive" pulls them
+    # together, "mask" leaves the pair out, "keep" makes it a negative (the paper's plain loss).
+    false_negatives: str = "positive"
     pooling: str | None = None  # "cls" / "mean" (the paper's code); None: the model's own
     max_image_patches: int | None = None  # patches sampled per training image; None: the model's
     eval_every: int = 1000  # steps between validations; 0: only after the last step
@@ -103,6 +106,11 @@ class TrainConfig:
             raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.pooling not in (None, "cls", "mean"):
             raise ValueError(f"pooling must be 'cls', 'mean' or None, got {self.pooling!r}")
+        if self.false_negatives not in FALSE_NEGATIVE_MODES:
+            raise ValueError(
+                f"false_negatives must be one of {FALSE_NEGATIVE_MODES}, "
+                f"got {self.false_negatives!r}"
+            )
         if self.negatives not in NEGATIVE_MODES:
             raise ValueError(f"negatives must be one of {NEGATIVE_MODES}, got {self.negatives!r}")
         patches = self.max_image_patches
@@ -272,6 +280,15 @@ def build_parser() -> argparse.ArgumentParser:
         "unimodal: the other modality only (InfoNCE)",
     )
     optim.add_argument(
+        "--false-negatives",
+        choices=FALSE_NEGATIVE_MODES,
+        default=defaults.false_negatives,
+        help="a caption that is also true of another image of the batch (a partial caption "
+        "of the synthetic scenes, by their specs; elsewhere an identical caption or image): "
+        "positive = another positive of it (default), mask = left out, keep = a negative "
+        "like every other item (the paper's plain in-batch loss)",
+    )
+    optim.add_argument(
         "--max-image-patches",
         type=int,
         help="patches sampled per training image (ViLT pretraining: 200; -1 all); "
@@ -345,6 +362,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         grad_clip=args.grad_clip,
         temperature=args.temperature,
         negatives=args.negatives,
+        false_negatives=args.false_negatives,
         pooling=args.pooling,
         max_image_patches=args.max_image_patches,
         eval_every=args.eval_every,

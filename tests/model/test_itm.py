@@ -12,11 +12,9 @@ import torch
 from safetensors.torch import load_file
 
 from model.backbone import init_vilt_checkpoint
-from model.data import read_pairs
 from model.itm import (
     CHECKPOINT_DIRNAME,
     ItmConfig,
-    TruthTable,
     pick_candidates,
     teacher_loss,
     train_teacher,
@@ -70,45 +68,6 @@ def tiny_world(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
         seed=0,
     )
     return root / "data" / "dataset.json", init
-
-
-def test_truth_table_marks_partial_captions_true_of_other_scenes(
-    tiny_world: tuple[Path, Path],
-) -> None:
-    data, _ = tiny_world
-    pairs = read_pairs(data, split="train")
-    table = TruthTable(pairs, str(data), "train")
-    assert table.from_scenes
-    everything = list(range(len(pairs)))
-    truth = table.batch(everything)
-    assert truth.diagonal().all()
-    same_image = torch.tensor(
-        [[a.image_path == b.image_path for b in pairs] for a in pairs], dtype=torch.bool
-    )
-    # Partial captions ("a red shape", "two shapes") are true of other images too; full
-    # captions of distinct scenes are not.
-    assert (truth & ~same_image).any()
-    texts = [pair.caption for pair in pairs]
-    short = [i for i, text in enumerate(texts) if text in ("two shapes", "there are two shapes")]
-    for i in short:
-        assert truth[i].sum() > 1
-
-
-def test_truth_table_without_scene_specs_uses_equal_captions(tmp_path: Path) -> None:
-    from model.data import Pair
-
-    pairs = [
-        Pair(tmp_path / "a.png", "a cat", "a", ""),
-        Pair(tmp_path / "b.png", "a cat", "b", ""),
-        Pair(tmp_path / "c.png", "a dog", "c", ""),
-    ]
-    table = TruthTable(pairs, str(tmp_path / "missing.jsonl"), "train")
-    assert not table.from_scenes
-    assert table.batch([0, 1, 2]).tolist() == [
-        [True, True, False],
-        [True, True, False],
-        [False, False, True],
-    ]
 
 
 def test_teacher_loss_has_all_terms_and_ignores_true_pairs(

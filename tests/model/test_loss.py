@@ -101,6 +101,73 @@ def test_logits_mask_and_ground_truth() -> None:
     assert ContrastiveLoss().get_ground_truth(3).tolist() == [3, 4, 5, 0, 1, 2]
 
 
+def _hand_loss_with_truth(tau: float, mode: str, truth: list[list[bool]], fn: str) -> float:
+    """As :func:`_hand_loss` with ``truth``: the two texts or the two images of a and b are
+    never negatives when truth[a][b] or truth[b][a]; caption a vs image b (and back) when
+    truth[a][b] is left out (``fn`` "mask") or is one more positive (``fn`` "positive":
+    -log of the summed exp over the positives)."""
+    pooled = TEXTS + IMAGES
+    n = len(TEXTS)
+    total = 0.0
+    for a in range(2 * n):
+        logits, positives = [], []
+        for b in range(2 * n):
+            ia, ib = a % n, b % n
+            text_a, text_b = a < n, b < n
+            if b == a or (mode == "unimodal" and text_a == text_b):
+                continue
+            if text_a == text_b and (truth[ia][ib] or truth[ib][ia]):
+                continue
+            similarity = sum(x * y for x, y in zip(pooled[a], pooled[b], strict=True)) / tau
+            if text_a != text_b:
+                caption, image = (ia, ib) if text_a else (ib, ia)
+                if truth[caption][image]:
+                    if fn == "mask" and ia != ib:
+                        continue
+                    if fn == "positive" or ia == ib:
+                        positives.append(similarity)
+            logits.append(similarity)
+        total += _logsumexp(logits) - _logsumexp(positives)
+    return total / (2 * n)
+
+
+def _logsumexp(values: list[float]) -> float:
+    top = max(values)
+    return top + math.log(sum(math.exp(v - top) for v in values))
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("false_negatives", ["positive", "mask", "keep"])
+def test_true_pairs_are_positives_left_out_or_kept(mode: str, false_negatives: str) -> None:
+    texts = torch.tensor(TEXTS, dtype=torch.float64)
+    images = torch.tensor(IMAGES, dtype=torch.float64)
+    loss_fn = ContrastiveLoss(0.1, mode, false_negatives)  # type: ignore[arg-type]
+    plain = loss_fn(texts, images).item()
+    assert plain == pytest.approx(_hand_loss(TEXTS, IMAGES, 0.1, mode), rel=1e-12)
+    # Only the diagonal true: the plain loss in every mode.
+    eye = torch.eye(3, dtype=torch.bool)
+    assert loss_fn(texts, images, eye).item() == pytest.approx(plain, rel=1e-12)
+    # Caption 0 is also true of image 2 (a partial caption such as "a red circle").
+    truth = eye.clone()
+    truth[0, 2] = True
+    loss = loss_fn(texts, images, truth).item()
+    if false_negatives == "keep":
+        assert loss == pytest.approx(plain, rel=1e-12)
+    else:
+        hand = _hand_loss_with_truth(0.1, mode, truth.tolist(), false_negatives)
+        assert loss == pytest.approx(hand, rel=1e-12)
+        assert loss < plain  # a negative less, or a positive more
+    logits = loss_fn.get_logits(texts, images, truth)
+    left_out = bool(torch.isinf(logits[0, 3 + 2])) and bool(torch.isinf(logits[3 + 2, 0]))
+    assert left_out == (false_negatives == "mask")
+    assert torch.isfinite(logits[0, 3 + 0]) and torch.isfinite(logits[3 + 2, 2])  # own pairs stay
+    if false_negatives != "keep":
+        with pytest.raises(ValueError, match=r"truth must be \(3, 3\), got \(2, 2\)"):
+            loss_fn(texts, images, eye[:2, :2])
+        with pytest.raises(ValueError, match="diagonal"):
+            loss_fn(texts, images, ~eye)
+
+
 def test_low_precision_embeddings_give_float32_loss() -> None:
     texts = torch.tensor(TEXTS)
     images = torch.tensor(IMAGES)
@@ -115,6 +182,8 @@ def test_loss_validates_arguments() -> None:
         ContrastiveLoss(temperature=0)
     with pytest.raises(ValueError, match="'both'"):
         ContrastiveLoss(negatives="both")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="false_negatives must be one of"):
+        ContrastiveLoss(false_negatives="drop")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"text \(3, 3\) and image \(2, 3\)"):
         ContrastiveLoss()(torch.tensor(TEXTS), torch.tensor(IMAGES[:2]))
 

@@ -21,6 +21,7 @@ from model.queries import benchmark_queries, matches, phrase
 from model.synthetic import (
     BACKGROUND,
     COLOURS,
+    GRID,
     PRESETS,
     SHAPES,
     VOCABULARY,
@@ -180,7 +181,7 @@ def test_captions_use_exactly_the_vocabulary(many_examples: list[Example]) -> No
     assert 30 <= len(VOCABULARY) <= 80
     used = {word for ex in many_examples for caption in ex.captions for word in caption.split()}
     # Training images add partial captions; the query benchmark adds held-out phrasings.
-    trained = generate(SyntheticConfig(n_train=400, n_val=0, n_test=0))
+    trained = generate(SyntheticConfig(n_train=1500, n_val=0, n_test=0))
     used |= {word for ex in trained for caption, _ in ex.partial for word in caption.split()}
     rng = random.Random(0)
     for _, query in benchmark_queries() * 8:
@@ -227,11 +228,27 @@ def test_rendered_pixels_match_the_scene(many_examples: list[Example], image_siz
         for i in range(len(masks) - 1):  # each object entirely before the next on the axis
             spans = columns if scene.relation == "left of" else rows
             assert spans[i].max() < spans[i + 1].min(), (example.imgid, scene)
+        cell = image_size // GRID
+        cells = [
+            (int(c.min()) // cell, int(r.min()) // cell) for c, r in zip(columns, rows, strict=True)
+        ]
+        for (column, row), c, r in zip(cells, columns, rows, strict=True):
+            # Inside one cell of the board: at the demo's 64 px, inside one ViLT patch.
+            assert c.max() // cell == column and r.max() // cell == row, (example.imgid, scene)
         if scene.position is not None:
-            third = {"left": (0, 1), "right": (2, 1), "top": (1, 0), "bottom": (1, 2)}
-            column, row = third.get(scene.position, (1, 1))
-            assert columns[0].mean() * 3 // image_size == column, scene
-            assert rows[0].mean() * 3 // image_size == row, scene
+            middle = {GRID // 2 - 1, GRID // 2}
+            column, row = cells[0]
+            assert {
+                "left": column == 0 and row in middle,
+                "right": column == GRID - 1 and row in middle,
+                "top": row == 0 and column in middle,
+                "bottom": row == GRID - 1 and column in middle,
+                "middle": column in middle and row in middle,
+            }[scene.position], scene
+        elif scene.relation == "left of":
+            assert len({row for _, row in cells}) == 1, scene  # one row of the board
+        else:
+            assert len({column for column, _ in cells}) == 1, scene
 
 
 # --- the Karpathy files --------------------------------------------------------------------

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import torch
+from PIL import Image
 
 from model import VLDeformer
 from model.checkpoints import STATE_FILE, load_trainer_state
@@ -249,6 +250,7 @@ def test_cli_trains(tiny_vilt_dir: Path, dataset_json: Path, tmp_path: Path) -> 
         ({"max_steps": 0}, "max_steps"),
         ({"max_image_patches": 0}, "max_image_patches"),
         ({"pooling": "max"}, "pooling"),
+        ({"false_negatives": "drop"}, "false_negatives"),
     ],
 )
 def test_config_rejects_bad_values(overrides: dict[str, Any], message: str) -> None:
@@ -289,3 +291,40 @@ def test_pooling_option_reaches_the_saved_model(
     model = VLDeformer.from_pretrained(final)
     assert model.settings.pooling == "mean"
     assert VLDeformer.from_pretrained(tiny_vilt_dir).settings.pooling == "cls"
+
+
+def _first_step_loss(model: Path, data: Path, out: Path, false_negatives: str) -> float:
+    config = _config(
+        model,
+        data,
+        out,
+        max_steps=1,
+        batch_size=4,
+        val_split=None,
+        train_splits=(),
+        false_negatives=false_negatives,
+    )
+    train(config)
+    return float(_metrics(out)[0]["loss"])
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_identical_captions_are_false_negatives_only_when_asked(
+    tiny_vilt_dir: Path, tmp_path: Path, shared: bool
+) -> None:
+    # Four images; with ``shared`` two of them carry the same caption, which is then true of
+    # both: "positive" and "mask" stop pushing that pair apart, "keep" (the paper's loss) does.
+    lines = []
+    for i, colour in enumerate(("red", "blue", "green", "black")):
+        Image.new("RGB", (32, 32), colour).save(tmp_path / f"{i}.png")
+        caption = "a square" if shared and i < 2 else f"a {colour} square"
+        lines.append(json.dumps({"image": f"{i}.png", "caption": caption}))
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("\n".join(lines) + "\n")
+    kept = _first_step_loss(tiny_vilt_dir, data, tmp_path / "keep", "keep")
+    for mode in ("positive", "mask"):
+        loss = _first_step_loss(tiny_vilt_dir, data, tmp_path / mode, mode)
+        if shared:
+            assert loss < kept - 1e-4, (mode, loss, kept)
+        else:
+            assert loss == pytest.approx(kept, abs=1e-6), mode
