@@ -74,7 +74,7 @@ demo-index: demo-data  ## build the demo index with the indexer CLI
 demo: demo-index  ## install, build the demo gallery and index, serve on http://$(HOST):$(PORT)
 	@echo ""
 	@echo "Serving vldeformer on http://$(HOST):$(PORT)/  (Ctrl-C stops it)"
-	@echo "  curl -s -X POST http://$(HOST):$(PORT)/search/images -H 'Content-Type: application/json' -d '{\"text\": \"a red shape\", \"k\": 5}'"
+	@echo "  curl -s -X POST http://$(HOST):$(PORT)/search/images -H 'Content-Type: application/json' -d '{\"text\": \"a red circle\", \"k\": 5}'"
 	@echo "  curl -s -X POST http://$(HOST):$(PORT)/search/captions -F image=@$$(ls $(DEMO_DIR)/images/*.png | head -1) -F k=5"
 	@echo ""
 	VLD_MODEL_DIR=$(DEMO_MODEL) VLD_TEACHER_DIR=$(DEMO_TEACHER) VLD_INDEX_ROOT=data/index \

@@ -63,7 +63,7 @@ class DemoModelConfig:
     teacher_hard_candidates: int = 3
     teacher_temperature: float = 0.05
     # Stage (b): decomposition.
-    decompose_steps: int = 1000
+    decompose_steps: int = 3000
     decompose_batch_size: int = 96
     decompose_lr: float = 2e-4
     temperature: float = 0.05
