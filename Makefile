@@ -67,7 +67,7 @@ demo-data: install  ## regenerate the demo gallery from its seed (seconds)
 	$(PY) -m model.synthetic --out $(DEMO_DIR) --preset demo
 
 demo-index: demo-data  ## build the demo index with the indexer CLI
-	@test -f $(DEMO_MODEL)/config.json || { echo "The demo model is not built yet: run 'make demo-model' (about 80 min on 2 cores)."; exit 1; }
+	@test -f $(DEMO_MODEL)/config.json || { echo "The demo model is not built yet: run 'make demo-model' (about 70 min on 2 cores)."; exit 1; }
 	$(BIN)/vldeformer-index build --model $(DEMO_MODEL) --images $(DEMO_DIR)/gallery.jsonl \
 	    --captions $(DEMO_DIR)/captions.jsonl --out data/index
 
@@ -80,7 +80,7 @@ demo: demo-index  ## install, build the demo gallery and index, serve on http://
 	VLD_MODEL_DIR=$(DEMO_MODEL) VLD_TEACHER_DIR=$(DEMO_TEACHER) VLD_INDEX_ROOT=data/index \
 	VLD_HOST=$(HOST) VLD_PORT=$(PORT) $(BIN)/vldeformer-serve
 
-demo-model: install  ## retrain the committed demo teacher + decomposed model (~80 min on 2 CPU cores; resumes if interrupted)
+demo-model: install  ## retrain the committed demo teacher + decomposed model (~70 min on 2 CPU cores; resumes if interrupted)
 	$(PY) -m model.demo_model --out model/assets/demo
 
 bench-paper: install  ## the paper's claim on the synthetic test split -> BENCHMARKS.md figures

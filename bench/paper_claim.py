@@ -520,9 +520,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         help="torch CPU threads (default 1; 2 threads on a shared 2-core machine ran 5-10x slower)",
     )
-    parser.add_argument(
-        "--skip-ablations", action="store_true", help="skip the ablation trainings"
-    )
+    parser.add_argument("--skip-ablations", action="store_true", help="skip the ablation trainings")
     parser.add_argument(
         "--ablation-steps",
         type=int,

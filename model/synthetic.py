@@ -1,6 +1,7 @@
 """Captioned synthetic scenes: a retrieval benchmark that a bag-of-words matcher cannot solve.
 
-Each image shows one to three flat shapes (colour, shape, size, position) on white; each of
+Each image shows one to three flat shapes (colour, shape, size, position) on white, each in one
+cell of a 4x4 board (:data:`model.scenes.GRID`: at 64 px, one ViLT patch per cell); each of
 its captions binds every colour to its shape and states the spatial relation. A share of the
 two- and three-object scenes come in *twin groups* of four images whose captions use exactly
 the same words: the base scene, its colour-permuted twin (which colour goes with which shape),
