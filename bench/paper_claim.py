@@ -395,7 +395,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "command": "python bench/paper_claim.py"
         + (" --smoke" if args.smoke else "")
-        + (" --skip-ablations" if args.skip_ablations else ""),
+        + (" --skip-ablations" if args.skip_ablations else "")
+        + (f" --ablation-steps {args.ablation_steps}" if args.ablation_steps else ""),
         "date": datetime.now(UTC).strftime("%Y-%m-%d"),
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, CPU",
         "models": {"decomposed": model.fingerprint[:16], "teacher_weights_sha256": teacher_hash},
@@ -525,7 +526,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--ablation-steps",
         type=int,
         default=0,
-        help="decomposition steps of each ablation (default: the demo build's)",
+        help="decomposition steps of each ablation and of the from-scratch row (default: the "
+        "demo build's)",
     )
     parser.add_argument(
         "--out",
