@@ -132,13 +132,19 @@ class ContrastiveLoss(nn.Module):
         ``truth`` ``(N, N)`` bool marks caption ``a`` true of image ``b`` (the diagonal
         always). By ``false_negatives``: ``"positive"`` — each anchor's term becomes
         ``-log sum_{b in P(a)} exp s(a, b) + log sum_{b in C(a)} exp s(a, b)`` over all its
-        true pairs ``P(a)`` (a partial caption such as "a red circle" is pulled towards every
-        image holding a red circle, as in UniCL); ``"mask"`` — true pairs other than ``p(a)``
-        leave ``C(a)``; ``"keep"`` — ``truth`` is ignored (the paper's plain in-batch loss).
-        With ``truth`` the identity, all three are the loss above.
+        true pairs ``P(a)``: minus the log of the *summed* probability of the true pairs (the
+        MIL-NCE form; UniCL averages the log over them instead), so a partial caption such as
+        "a red circle" is no longer pushed away from the other images holding a red circle,
+        and is satisfied once its true images together outrank the rest; ``"mask"`` — true
+        pairs other than ``p(a)`` leave ``C(a)``; ``"keep"`` — ``truth`` is ignored (the
+        paper's plain in-batch loss). In ``"positive"`` and ``"mask"`` the two captions and the
+        two images of a true pair also leave ``C(a)`` (:meth:`get_logits`). With ``truth`` the
+        identity, all three are the loss above.
         """
-        logits = self.get_logits(text_emb, image_emb, truth)
         n = text_emb.shape[0]
+        if truth is not None:
+            _check_truth(truth, n)
+        logits = self.get_logits(text_emb, image_emb, truth)
         if truth is None or self.false_negatives != "positive":
             return F.cross_entropy(logits, self.get_ground_truth(n, logits.device))
         true = _check_truth(truth, n).to(logits.device)

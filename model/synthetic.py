@@ -283,8 +283,11 @@ def render(scene: Scene, image_size: int) -> Image.Image:
     draw = ImageDraw.Draw(image)
     for obj in scene.objects:
         cx, cy = round(obj.x * image_size), round(obj.y * image_size)
-        # Never wider than its cell less a pixel each side for the jitter: no two objects touch.
-        half = max(2, min(round(SIZES[obj.size] * image_size), image_size // (2 * GRID) - 2))
+        # Never wider than its cell less a pixel and the most the jitter can move the centre
+        # after rounding (1 px at 64, 2 px at 96): no two objects touch at any size.
+        shift = int((_JITTER + 0.0005) * image_size + 0.5)
+        half = min(round(SIZES[obj.size] * image_size), image_size // (2 * GRID) - 1 - shift)
+        half = max(2, half)
         fill = COLOURS[obj.colour]
         if obj.shape == "circle":
             draw.ellipse([cx - half, cy - half, cx + half, cy + half], fill=fill)
@@ -660,7 +663,7 @@ def caption_truth(
 ) -> tuple[list[Scene], list[int], list[queries.Query | None]]:
     """What each caption of ``split`` is true of, in :func:`model.data.read_pairs` order (image
     by image, full captions then partial ones): ``(scenes, image of each caption, query of
-    each caption)``; a full caption has query None and is true of its own scene only."""
+    each caption)``; a full caption has query None and is true of the scenes described alike."""
     scenes: list[Scene] = []
     image_of: list[int] = []
     query_of: list[queries.Query | None] = []

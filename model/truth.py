@@ -5,7 +5,7 @@ the caption is also true of that image: a partial caption ("a red circle", "two 
 synthetic scenes describes many images, and on real data two images may share an identical
 caption. :class:`TruthTable` answers, per batch, which (caption, image) pairs are true, so the
 losses (the teacher's in :mod:`model.itm`, the decomposition's :class:`model.loss.
-ContrastiveLoss`) never push them apart. On the synthetic scenes the truth comes from the scene
+ContrastiveLoss` unless told ``"keep"``) do not push them apart. On the synthetic scenes the truth comes from the scene
 specs (:func:`model.synthetic.caption_truth`); on other data, from identical captions or images.
 """
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -161,11 +162,31 @@ def test_true_pairs_are_positives_left_out_or_kept(mode: str, false_negatives: s
     left_out = bool(torch.isinf(logits[0, 3 + 2])) and bool(torch.isinf(logits[3 + 2, 0]))
     assert left_out == (false_negatives == "mask")
     assert torch.isfinite(logits[0, 3 + 0]) and torch.isfinite(logits[3 + 2, 2])  # own pairs stay
-    if false_negatives != "keep":
-        with pytest.raises(ValueError, match=r"truth must be \(3, 3\), got \(2, 2\)"):
-            loss_fn(texts, images, eye[:2, :2])
-        with pytest.raises(ValueError, match="diagonal"):
-            loss_fn(texts, images, ~eye)
+    with pytest.raises(ValueError, match=r"truth must be \(3, 3\), got \(2, 2\)"):
+        loss_fn(texts, images, eye[:2, :2])
+    with pytest.raises(ValueError, match="diagonal"):
+        loss_fn(texts, images, ~eye)
+
+
+@pytest.mark.parametrize("false_negatives", ["positive", "mask"])
+def test_gradcache_with_truth_matches_one_big_batch(false_negatives: str) -> None:
+    # The trainer passes the batch's truth through functools.partial; micro-batches must not
+    # change what it means.
+    text_encoder, image_encoder, text_inputs, image_inputs = _setup(dropout=0.0)
+    truth = torch.eye(8, dtype=torch.bool)
+    truth[0, 3] = truth[5, 1] = truth[2, 6] = True
+    loss_fn = functools.partial(
+        ContrastiveLoss(0.1, "bimodal", false_negatives),  # type: ignore[arg-type]
+        truth=truth,
+    )
+    reference_loss = loss_fn(text_encoder(**text_inputs), image_encoder(**image_inputs))
+    reference_loss.backward()
+    reference = _grads(text_encoder, image_encoder)
+    plain = ContrastiveLoss(0.1)(text_encoder(**text_inputs), image_encoder(**image_inputs))
+    assert reference_loss.item() < plain.item()
+    loss = contrastive_step(text_encoder, image_encoder, text_inputs, image_inputs, loss_fn, 3)
+    assert loss.item() == pytest.approx(reference_loss.item(), rel=1e-12)
+    _assert_same(_grads(text_encoder, image_encoder), reference)
 
 
 def test_low_precision_embeddings_give_float32_loss() -> None:

@@ -208,7 +208,7 @@ def _object_mask(obj: SceneObject, image_size: int) -> np.ndarray:
     return (np.asarray(alone) != BACKGROUND).any(axis=2)  # (H, W) bool
 
 
-@pytest.mark.parametrize("image_size", [64, 32])
+@pytest.mark.parametrize("image_size", [64, 32, 96, 100])
 def test_rendered_pixels_match_the_scene(many_examples: list[Example], image_size: int) -> None:
     for example in many_examples[:80]:
         scene = example.scene

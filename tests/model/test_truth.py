@@ -61,13 +61,15 @@ def test_truth_table_agrees_with_the_scene_specs_pair_by_pair(tiny_world: Path) 
     pairs = read_pairs(tiny_world, split="train")
     examples = [ex for ex in read_examples(tiny_world) if ex.split == "train"]
     by_path = {ex.filename: ex for ex in examples}
+    # Each pair's own text and query, looked up by image and caption text (not by position).
+    by_text = {
+        (ex.filename, raw): query
+        for ex in examples
+        for raw, query in [(c, None) for c in ex.captions] + list(ex.partial)
+    }
     captions = [
-        (by_path[pair.image_path.name].scene, query)
-        for pair, query in zip(
-            pairs,
-            [q for ex in examples for q in [None] * len(ex.captions) + [q for _, q in ex.partial]],
-            strict=True,
-        )
+        (by_path[pair.image_path.name].scene, by_text[(pair.image_path.name, pair.caption)])
+        for pair in pairs
     ]
     indices = list(range(0, len(pairs), 3))[:60]
     truth = TruthTable(pairs, str(tiny_world), "train").batch(indices)
