@@ -142,12 +142,11 @@ class ContrastiveLoss(nn.Module):
         identity, all three are the loss above.
         """
         n = text_emb.shape[0]
-        if truth is not None:
-            _check_truth(truth, n)
-        logits = self.get_logits(text_emb, image_emb, truth)
-        if truth is None or self.false_negatives != "positive":
+        true = None if truth is None else _check_truth(truth, n)  # in every mode
+        logits = self.get_logits(text_emb, image_emb, true)
+        if true is None or self.false_negatives != "positive":
             return F.cross_entropy(logits, self.get_ground_truth(n, logits.device))
-        true = _check_truth(truth, n).to(logits.device)
+        true = true.to(logits.device)
         none = torch.zeros_like(true)
         positive = torch.cat([torch.cat([none, true], 1), torch.cat([true.T, none], 1)], 0)
         own = torch.logsumexp(logits.masked_fill(~positive, float("-inf")), dim=1)

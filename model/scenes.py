@@ -28,7 +28,7 @@ SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "diamond")
 # The board: objects are centred in its cells (give or take a pixel). At the demo model's 64 px
 # its cells are exactly the ViLT's 16-pixel patches, so one patch sees one whole object: with
 # objects straddling patches at random offsets a small ViLT hardly learns shapes (a supervised
-# probe read them at 0.65 after 1,500 steps; on the board, 1.00 after 250 — BENCHMARKS.md §1b).
+# probe read them at 0.65 after 1,500 steps; on the board, 1.00 from step 750 — BENCHMARKS.md §1b).
 GRID = 4
 # Half the side of an object's bounding box, as a fraction of the image side: at 64 px a large
 # object is 13 pixels across in a 16-pixel cell, so a pixel of jitter keeps it inside.

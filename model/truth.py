@@ -4,9 +4,10 @@ A contrastive batch treats every other image as a negative of a caption. That is
 the caption is also true of that image: a partial caption ("a red circle", "two shapes") of the
 synthetic scenes describes many images, and on real data two images may share an identical
 caption. :class:`TruthTable` answers, per batch, which (caption, image) pairs are true, so the
-losses (the teacher's in :mod:`model.itm`, the decomposition's :class:`model.loss.
-ContrastiveLoss` unless told ``"keep"``) do not push them apart. On the synthetic scenes the truth comes from the scene
-specs (:func:`model.synthetic.caption_truth`); on other data, from identical captions or images.
+losses (the teacher's in :mod:`model.itm`; the decomposition's
+:class:`model.loss.ContrastiveLoss` unless told ``"keep"``) do not push them apart. On the
+synthetic scenes the truth comes from the scene specs (:func:`model.synthetic.caption_truth`);
+on other data, from identical captions or images.
 """
 
 from __future__ import annotations
