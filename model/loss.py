@@ -95,8 +95,8 @@ class ContrastiveLoss(nn.Module):
         """Similarity logits ``(2N, 2N)``: rows/columns are ``[texts; images]``.
 
         Entries that are not candidates of their row (self-similarity always; same-modality
-        pairs too in ``"unimodal"`` mode) are ``-inf``. ``truth`` ``(N, N)`` bool, when given
-        and ``false_negatives`` is not ``"keep"``, marks caption ``a`` true of image ``b``
+        pairs too in ``"unimodal"`` mode) are ``-inf``. ``truth`` ``(N, N)`` bool (checked in
+        every mode; ignored in ``"keep"``) marks caption ``a`` true of image ``b``
         (:class:`model.truth.TruthTable`): the two captions and the two images of such ``a``
         and ``b`` are no negatives of each other (``-inf``), and in ``"mask"`` mode neither is
         the pair itself (in ``"positive"`` mode it stays: :meth:`forward` counts it a positive).
@@ -112,8 +112,8 @@ class ContrastiveLoss(nn.Module):
         else:
             is_image = position >= n
             excluded = is_image[:, None] == is_image[None, :]  # (2N, 2N) same-modality blocks
-        if truth is not None and self.false_negatives != "keep":
-            true = _check_truth(truth, n).to(logits.device)
+        true = None if truth is None else _check_truth(truth, n).to(logits.device)
+        if true is not None and self.false_negatives != "keep":
             either = true | true.T  # a and b describe each other's image
             cross = true if self.false_negatives == "mask" else torch.zeros_like(true)
             excluded = excluded | torch.cat(
@@ -142,11 +142,10 @@ class ContrastiveLoss(nn.Module):
         identity, all three are the loss above.
         """
         n = text_emb.shape[0]
-        true = None if truth is None else _check_truth(truth, n)  # in every mode
-        logits = self.get_logits(text_emb, image_emb, true)
-        if true is None or self.false_negatives != "positive":
+        logits = self.get_logits(text_emb, image_emb, truth)  # checks truth
+        if truth is None or self.false_negatives != "positive":
             return F.cross_entropy(logits, self.get_ground_truth(n, logits.device))
-        true = true.to(logits.device)
+        true = truth.to(device=logits.device, dtype=torch.bool)
         none = torch.zeros_like(true)
         positive = torch.cat([torch.cat([none, true], 1), torch.cat([true.T, none], 1)], 0)
         own = torch.logsumexp(logits.masked_fill(~positive, float("-inf")), dim=1)

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from model import synthetic
 from model.data import Pair
 
 
@@ -31,16 +32,11 @@ class TruthTable:
         (None: several splits or a whole file, whose truth comes from equal captions / images
         only)."""
         self._scenes: list[Any] | None = None
-        # Equal ids mean equal captions / equal image files: the truth without scene specs.
-        self._caption_ids = _ids(pair.caption for pair in pairs)
-        self._image_ids = _ids(str(pair.image_path) for pair in pairs)
-        if split is None:
-            return
-        try:
-            from model import synthetic
-
-            examples = synthetic.read_examples(data)
-        except (OSError, ValueError):
+        examples = None if split is None else _synthetic_examples(data)
+        if split is None or examples is None:
+            # Equal ids mean equal captions / equal image files: the truth without scene specs.
+            self._caption_ids = _ids(pair.caption for pair in pairs)
+            self._image_ids = _ids(str(pair.image_path) for pair in pairs)
             return
         scenes, image_of, query_of = synthetic.caption_truth(examples, split)
         if len(image_of) != len(pairs):
@@ -76,6 +72,14 @@ class TruthTable:
             truth[a] = [self._is_true_of(query, own, self._scenes[s]) for s in scene_of.tolist()]
             truth[a, a] = True
         return torch.from_numpy(truth)
+
+
+def _synthetic_examples(data: str | Path) -> list[Any] | None:
+    """The synthetic dataset's examples (scene specs), or None for any other caption file."""
+    try:
+        return synthetic.read_examples(data)
+    except (OSError, ValueError):
+        return None
 
 
 def _ids(values: Any) -> np.ndarray:

@@ -111,11 +111,17 @@ DEMO_T2I_R10_FLOOR = 95.0
 DEMO_T2I_R1_FLOOR = 88.0  # measured 94.0; R@1 is what a binding or ranking regression hits first
 
 
+@pytest.fixture(scope="module")
+def demo_test_split(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo's ``dataset.json``, test split only (splits draw from their own random
+    streams, so it is the demo's test split without its train/val); written once."""
+    root = tmp_path_factory.mktemp("demo-test")
+    return write_dataset(root, dataclasses.replace(PRESETS["demo"], n_train=0, n_val=0))
+
+
 @pytest.mark.skipif(not _demo_present(), reason="the demo models are not built (make demo-model)")
-def test_demo_model_recall_stays_above_its_floor(tmp_path: Path) -> None:
-    # Splits draw from their own random streams: the demo test split without its train/val.
-    write_dataset(tmp_path, dataclasses.replace(PRESETS["demo"], n_train=0, n_val=0))
-    pairs = read_pairs(tmp_path / "dataset.json", split="test")
+def test_demo_model_recall_stays_above_its_floor(demo_test_split: Path) -> None:
+    pairs = read_pairs(demo_test_split, split="test")
     images, captions, caption_to_image = group_by_image(pairs)
     keep = np.flatnonzero(caption_to_image < 200)
     model = VLDeformer.from_pretrained(DEMO / "decomposed")
@@ -133,11 +139,11 @@ DEMO_COLOUR_SHAPE_P10_FLOOR = 0.9
 
 
 @pytest.mark.skipif(not _demo_present(), reason="the demo models are not built (make demo-model)")
-def test_demo_model_finds_a_red_circle(tmp_path: Path) -> None:
-    write_dataset(tmp_path, dataclasses.replace(PRESETS["demo"], n_train=0, n_val=0))
-    examples = [ex for ex in read_examples(tmp_path / "dataset.json") if ex.split == "test"]
+def test_demo_model_finds_a_red_circle(demo_test_split: Path) -> None:
+    examples = [ex for ex in read_examples(demo_test_split) if ex.split == "test"]
     model = VLDeformer.from_pretrained(DEMO / "decomposed")
-    images = model.encode_images([open_image(tmp_path / "images" / ex.filename) for ex in examples])
+    folder = demo_test_split.parent / "images"
+    images = model.encode_images([open_image(folder / ex.filename) for ex in examples])
     rng = random.Random(0)
     queries = [query for category, query in benchmark_queries() if category == "colour+shape"]
     texts = [phrase(query, rng) for query in queries]
